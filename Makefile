@@ -1,0 +1,33 @@
+# `make demo` and `make test` each set up a project-local virtual environment first (idempotent:
+# it is rebuilt only when pyproject.toml changes), then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_CONFIG ?= configs/prepare.yaml
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# torch first, pinned: a bare torch requirement would pull the multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	# deepspeed builds from source; without isolation it uses the torch above instead of fetching another.
+	$(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m jobs.prepare --config $(DEMO_CONFIG)
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,91 @@
+"""Model-hosting actors and the group that places them.
+
+Each model (weak aligned, weak base, strong...) lives in its own `ModelHost` actor. `ModelGroup`
+reserves one placement-group bundle per model, a whole GPU each when the cluster has GPUs, so
+what runs where is decided in one place. On a CPU-only machine the bundles hold a share of the
+CPUs instead; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from w2s.modeling import ModelSpec, check_model_path
+
+
+@ray.remote
+class ModelHost:
+    """One causal LM, loaded once, answering batched log-prob and generation calls."""
+
+    def __init__(self, role: str, spec: dict):
+        import torch
+
+        from w2s.modeling import load_model
+
+        self.role = role
+        self.spec = ModelSpec(**spec)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.tokenizer = load_model(self.spec, self.device)
+
+    def logprobs(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
+        from w2s.modeling import response_logprobs
+
+        return response_logprobs(self.model, self.tokenizer, prompts, responses, self.spec.max_length)
+
+    def generate(self, prompts: list[str], max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
+        from w2s.modeling import generate
+
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens, do_sample, temperature, top_k, seed)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """How this model's tokenizer splits `texts` (to check that models share a tokenizer)."""
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def where(self) -> dict:
+        return {"role": self.role, "node_id": ray.get_runtime_context().get_node_id(), "device": self.device}
+
+
+class ModelGroup:
+    """A placement group with one bundle per model and a `ModelHost` in each.
+
+    gpus_per_model: None = 1 when the cluster has GPUs, else 0.
+    cpus_per_model: None = 1 on GPUs; on CPUs an equal share of all but one CPU, so that the Ray
+    Data tasks that feed the hosts always have a CPU to run on.
+    """
+
+    def __init__(self, specs: dict[str, ModelSpec], gpus_per_model: float | None = None,
+                 cpus_per_model: float | None = None, strategy: str = "PACK"):
+        for spec in specs.values():
+            check_model_path(spec.path)  # fail before reserving anything
+        resources = ray.cluster_resources()
+        gpus = gpus_per_model if gpus_per_model is not None else (1 if resources.get("GPU", 0) >= 1 else 0)
+        if cpus_per_model is None:
+            cpus_per_model = 1 if gpus else max(0.05, round((resources.get("CPU", 1) - 1) / len(specs), 2))
+        bundle = {"CPU": cpus_per_model, **({"GPU": gpus} if gpus else {})}
+        self.placement = placement_group([dict(bundle) for _ in specs], strategy=strategy)
+        ray.get(self.placement.ready(), timeout=600)
+        self.hosts = {
+            role: ModelHost.options(
+                num_cpus=cpus_per_model, num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
+            ).remote(role, spec.model_dump())
+            for i, (role, spec) in enumerate(specs.items())
+        }
+        ray.get([h.where.remote() for h in self.hosts.values()])  # surface load errors here
+
+    def where(self) -> list[dict]:
+        return ray.get([h.where.remote() for h in self.hosts.values()])
+
+    def shutdown(self) -> None:
+        for host in self.hosts.values():
+            ray.kill(host)
+        remove_placement_group(self.placement)
+
+    def __enter__(self) -> "ModelGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,270 @@
+"""The one trainer of the project: Ray Train workers running DeepSpeed ZeRO-3.
+
+Every training stage goes through `train()`: language-model pretraining (`lm`), supervised
+fine-tuning on responses (`sft`) and DPO (`dpo`: sigmoid, IPO or hinge, with an optional SFT term).
+The same code runs with the gloo backend on CPUs and NCCL on GPUs.
+
+Data is a Parquet file every worker can read (a shared filesystem on a cluster):
+  lm:  text
+  sft: prompt, response
+  dpo: prompt, chosen, rejected, <reference>_chosen_logps, <reference>_rejected_logps (per-token lists from the
+       scoring stage: the frozen reference is scored once, so only the policy is resident here)
+
+Checkpoints go through Ray Train (DeepSpeed shards + optimizer + step). Running `train()` again
+with the same `run_dir` and name resumes from the last checkpoint, whether the previous driver was
+killed or a worker died (Ray Train restarts workers up to `max_failures` times by itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from w2s.config import StrictModel
+
+
+class TrainConfig(StrictModel):
+    mode: Literal["lm", "sft", "dpo"] = "dpo"
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    sft_weight: float = Field(0.0, ge=0, description="weight of an NLL term on chosen responses (dpo mode)")
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed)")
+    batch_size: int = Field(8, ge=1, description="micro-batch per worker")
+    grad_clip: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=8)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    zero_stage: int = Field(3, ge=0, le=3)
+    dtype: Literal["float32", "bfloat16"] | None = Field(None, description="None: bfloat16 on GPU, float32 on CPU")
+    checkpoint_every: int = Field(100, ge=1, description="steps between Ray Train checkpoints")
+    log_every: int = Field(20, ge=1)
+    max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from within one run")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _dpo_only_fields(self):
+        if self.mode != "dpo" and self.sft_weight:
+            raise ValueError("sft_weight applies to mode 'dpo' only")
+        return self
+
+
+def _rows(path: str, mode: str, reference: str = "ref") -> list[dict]:
+    """Training rows; for DPO the `<reference>_*_logps` columns are renamed `ref_*_logps`."""
+    import pyarrow.parquet as pq
+
+    needed = {"lm": ["text"], "sft": ["prompt", "response"],
+              "dpo": ["prompt", "chosen", "rejected", f"{reference}_chosen_logps", f"{reference}_rejected_logps"]}[mode]
+    table = pq.read_table(path)
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: mode {mode!r} needs columns {needed}; missing {missing}")
+    return table.select(needed).rename_columns([c.replace(f"{reference}_", "ref_", 1) for c in needed]).to_pylist()
+
+
+def _batches(rows: list[dict], config: TrainConfig, rank: int, world: int):
+    """Deterministic (step, batch) stream for one worker: each epoch a seeded shuffle, split by rank."""
+    per_step = config.batch_size * world
+    steps_per_epoch = max(1, len(rows) // per_step)
+    total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    for step in range(total):
+        epoch, within = divmod(step, steps_per_epoch)
+        order = list(range(len(rows)))
+        random.Random(config.seed * 1000 + epoch).shuffle(order)
+        start = within * per_step + rank * config.batch_size
+        yield step, total, [rows[i] for i in order[start:start + config.batch_size]]
+
+
+def _loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tuple:
+    """Loss of one micro-batch, the number of tokens it trained on, and metrics to log."""
+    import torch
+
+    from w2s.losses import dpo_loss, masked_mean_nll
+    from w2s.modeling import TokenizedBatch, token_logprobs, tokenize_pairs
+
+    if config.mode == "lm":
+        enc = tokenizer([r["text"] for r in batch], add_special_tokens=False)["input_ids"]
+        ids = [(e + [tokenizer.eos_token_id])[: config.max_length] for e in enc]
+        width = max(map(len, ids))
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+        tb = TokenizedBatch(torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids]), mask, mask)
+        logp = token_logprobs(model, tb)
+        loss = masked_mean_nll(logp, tb.response_mask[:, 1:].to(logp.device))
+        return loss, int(mask.sum()), {"loss": loss.item()}
+    if config.mode == "sft":
+        tb = tokenize_pairs(tokenizer, [r["prompt"] for r in batch], [r["response"] for r in batch], config.max_length)
+        logp = token_logprobs(model, tb)
+        loss = masked_mean_nll(logp, tb.response_mask[:, 1:].to(logp.device))
+        return loss, int(tb.attention_mask.sum()), {"loss": loss.item()}
+
+    prompts = [r["prompt"] for r in batch] * 2
+    responses = [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
+    tb = tokenize_pairs(tokenizer, prompts, responses, config.max_length)
+    logp = token_logprobs(model, tb)
+    mask = tb.response_mask[:, 1:].to(logp.device)
+    n = len(batch)
+    seq = logp.sum(-1)
+    ref = torch.tensor([sum(r["ref_chosen_logps"]) for r in batch] + [sum(r["ref_rejected_logps"]) for r in batch],
+                       device=logp.device)
+    if config.loss == "ipo":  # IPO works on per-token mean log-probs (as TRL does)
+        ntok = mask.sum(-1).clamp(min=1)
+        seq, ref = seq / ntok, ref / ntok
+    losses, margins = dpo_loss(seq[:n], seq[n:], ref[:n], ref[n:], config.beta, config.loss)
+    loss = losses.mean()
+    metrics = {"dpo_loss": loss.item(), "reward_margin": margins.mean().item(),
+               "reward_accuracy": (margins > 0).float().mean().item()}
+    if config.sft_weight:
+        nll = masked_mean_nll(logp[:n], mask[:n])
+        loss = loss + config.sft_weight * nll
+        metrics["sft_nll"] = nll.item()
+    metrics["loss"] = loss.item()
+    return loss, int(tb.attention_mask.sum()), metrics
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed  # only inside workers: the driver may have no accelerator
+    import ray.train
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from w2s.modeling import load_tokenizer
+
+    config = TrainConfig(**loop_config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config.seed)
+    on_gpu = torch.cuda.is_available() and bool(loop_config["use_gpu"])
+    dtype = torch.bfloat16 if (config.dtype or ("bfloat16" if on_gpu else "float32")) == "bfloat16" else torch.float32
+
+    tokenizer = load_tokenizer(loop_config["init_model"])
+    model = AutoModelForCausalLM.from_pretrained(loop_config["init_model"], dtype=torch.float32, use_safetensors=True)
+    model.config.use_cache = False
+    rows = _rows(loop_config["data"], config.mode, loop_config["reference"])
+    total_steps = max(1, math.ceil(config.epochs * max(1, len(rows) // (config.batch_size * world))))
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam is CUDA-only
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt:
+            _, client_state = engine.load_checkpoint(os.path.join(ckpt, "deepspeed"))
+            start_step = client_state["step"] + 1
+        if rank == 0:
+            print(f"[train] resumed from step {start_step}", flush=True)
+
+    writer = None
+    if rank == 0 and loop_config.get("tensorboard_dir"):
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(loop_config["tensorboard_dir"])
+
+    engine.train()
+    tokens, t0, last = 0, time.perf_counter(), {}
+    for step, total, batch in _batches(rows, config, rank, world):
+        if step < start_step:
+            continue
+        loss, ntok, metrics = _loss(engine, tokenizer, batch, config)
+        engine.backward(loss)
+        engine.step()
+        tokens += ntok
+        last = metrics
+        final = step == total - 1
+        if step % config.log_every == 0 or final:
+            elapsed = time.perf_counter() - t0
+            metrics = {**metrics, "step": step, "total_steps": total, "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s_per_worker": tokens / max(elapsed, 1e-9)}
+            if rank == 0:
+                print(f"[train {loop_config['name']}] step {step + 1}/{total} loss {metrics['loss']:.4f} "
+                      f"{metrics['tokens_per_s_per_worker'] * world:.0f} tok/s", flush=True)
+                if writer:
+                    for key, value in metrics.items():
+                        writer.add_scalar(key, value, step)
+        if (step + 1) % config.checkpoint_every == 0 and not final:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(os.path.join(tmp, "deepspeed"), client_state={"step": step})
+                ray.train.report({"step": step, **last}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    # Final model: gathered from the ZeRO-3 shards into one safetensors checkpoint by rank 0.
+    state = engine._zero3_consolidated_16bit_state_dict() if config.zero_stage == 3 else engine.module.state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            final_dir = os.path.join(tmp, "model")
+            engine.module.save_pretrained(final_dir, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(final_dir)
+            with open(os.path.join(tmp, "train_summary.json"), "w") as f:
+                json.dump({"steps": total_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
+                           "world_size": world, "last": last}, f)
+        ray.train.report({"step": total_steps, "done": True, **last},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+    if writer:
+        writer.close()
+
+
+def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path,
+          name: str, storage_dir: str | Path, tensorboard_dir: str | Path | None = None, reference: str = "ref") -> dict:
+    """Train `init_model` on `data` and write the resulting HF checkpoint to `output_dir`.
+
+    `storage_dir`/`name` is where Ray Train keeps checkpoints: calling again with the same pair
+    resumes from the last checkpoint. For DPO, `reference` names the scored log-prob columns
+    (`<reference>_chosen_logps`, `<reference>_rejected_logps`) of the frozen reference. Returns the train summary (steps, tokens, seconds).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from w2s.modeling import check_model_path
+
+    check_model_path(init_model)
+    _rows(str(data), config.mode, reference)  # fail on a missing column before any worker starts
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"train": config.model_dump(), "init_model": str(init_model), "data": str(data),
+                           "name": name, "use_gpu": use_gpu, "reference": reference,
+                           "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_dir).resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training stage {name!r} failed") from result.error
+    output_dir = Path(output_dir)
+    with result.checkpoint.as_directory() as ckpt:
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        shutil.copytree(Path(ckpt) / "model", output_dir)
+        return json.loads((Path(ckpt) / "train_summary.json").read_text())

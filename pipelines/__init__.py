@@ -1,0 +1,1 @@
+"""Layer 4: one pipeline per method, composing the Ray pieces of `actors/`."""

@@ -1,0 +1,194 @@
+"""Prepare the embedded world: the four reference models every method is measured against.
+
+    world  ->  pretrain weak base, strong base      (Ray Train + DeepSpeed ZeRO-3, LM loss)
+           ->  score gold pairs under both bases    (Ray Data through model-hosting actors)
+           ->  DPO weak aligned, strong ceiling     (Ray Train + DeepSpeed ZeRO-3, DPO)
+           ->  generate on held-out prompts, gold reward, metrics.json + report.md
+
+Every model is cached by the content hash of everything that made it, so a second run (or a
+method job) reuses them. `prepare()` returns the paths of the four models.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from actors.model_host import ModelGroup
+from actors.stages import generate_responses, score_preferences
+from actors.trainer import TrainConfig, train
+from w2s.config import StrictModel
+from w2s.metrics import gold_scores
+from w2s.modeling import GPTSize, ModelSpec, init_gpt2
+from w2s.runs import Cache, RunDir, content_hash, markdown_table
+from w2s.world import World, WorldConfig, build_tokenizer
+
+MODELS = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")
+
+
+class PretrainStage(StrictModel):
+    size: GPTSize
+    train: TrainConfig
+
+
+class GenerationConfig(StrictModel):
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(100, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class PrepareConfig(StrictModel):
+    run_name: str = "prepare"
+    runs_dir: str = "runs"
+    cache_dir: str = ".cache/w2s"
+    world: WorldConfig = WorldConfig()
+    weak: PretrainStage
+    strong: PretrainStage
+    align: TrainConfig = Field(description="DPO on gold pairs: weak base -> weak aligned, strong base -> strong ceiling")
+    score_batch_size: int = Field(64, ge=1)
+    generation: GenerationConfig = GenerationConfig()
+
+
+def _log(msg: str) -> None:
+    print(f"[prepare] {msg}", flush=True)
+
+
+def _stage(cache: Cache, name: str, key: str, build) -> Path:
+    """Return the cached folder for (name, key), building it with `build(path)` when missing."""
+    path = cache.path(name, key)
+    if cache.ready(name, key):
+        _log(f"{name}: cached ({path})")
+        return path
+    _log(f"{name}: building ({path})")
+    start = time.perf_counter()
+    path.mkdir(parents=True, exist_ok=True)
+    build(path)
+    cache.mark_ready(name, key)
+    _log(f"{name}: done in {time.perf_counter() - start:.0f}s")
+    return path
+
+
+def prepare(config: PrepareConfig, run: RunDir | None = None) -> dict[str, Path]:
+    """Build (or reuse) the four models; when `run` is given, evaluate them and write the report."""
+    cache = Cache(config.cache_dir)
+    world = World(config.world)
+    storage = Path(config.cache_dir).resolve() / "ray_train"
+    world_key = content_hash("world-v1", config.world)
+
+    def build_data(path: Path) -> None:
+        pq.write_table(pa.table({"text": world.corpus()}), path / "corpus.parquet")
+        with open(path / "pairs.jsonl", "w") as f:
+            for row in world.preference_pairs():
+                f.write(json.dumps(row) + "\n")
+        pq.write_table(pa.Table.from_pylist([p.__dict__ for p in world.eval_prompts()]), path / "eval_prompts.parquet")
+
+    data = _stage(cache, "world", world_key, build_data)
+
+    models: dict[str, Path] = {}
+    for side in ("weak", "strong"):
+        stage: PretrainStage = getattr(config, side)
+        key = content_hash("pretrain-v1", world_key, stage)
+
+        def build_base(path: Path, stage=stage, side=side, key=key) -> None:
+            init_gpt2(stage.size, build_tokenizer(), path / "init", stage.train.seed)
+            train(stage.train, path / "init", data / "corpus.parquet", path / "model", f"{side}_base-{key}", storage,
+                  tensorboard_dir=run.path / "tensorboard" / f"{side}_base" if run else None)
+
+        models[f"{side}_base"] = _stage(cache, f"{side}_base", key, build_base) / "model"
+
+    pairs_key = content_hash("pairs-v1", world_key, str(models["weak_base"]), str(models["strong_base"]))
+
+    def build_scored(path: Path) -> None:
+        specs = {role: ModelSpec(path=str(models[role]), max_length=config.align.max_length)
+                 for role in ("weak_base", "strong_base")}
+        with ModelGroup(specs) as group:
+            result = score_preferences(data / "pairs.jsonl", group.hosts, path, tokenizer_path=str(models["weak_base"]),
+                                       max_length=config.align.max_length, batch_size=config.score_batch_size)
+        _log(f"scored {result.n_scored} gold pairs; {result.report}")
+
+    scored = _stage(cache, "scored_pairs", pairs_key, build_scored) / "scored.parquet"
+
+    for side, out_name in (("weak", "weak_aligned"), ("strong", "strong_ceiling")):
+        base = f"{side}_base"
+        key = content_hash("dpo-v1", pairs_key, str(models[base]), config.align)
+
+        def build_aligned(path: Path, base=base, out_name=out_name, key=key) -> None:
+            train(config.align, models[base], scored, path / "model", f"{out_name}-{key}", storage,
+                  tensorboard_dir=run.path / "tensorboard" / out_name if run else None, reference=base)
+
+        models[out_name] = _stage(cache, out_name, key, build_aligned) / "model"
+
+    if run is not None:
+        evaluate(config, world, data / "eval_prompts.parquet", models, run)
+    return models
+
+
+def evaluate(config: PrepareConfig, world: World, prompts_path: Path, models: dict[str, Path], run: RunDir) -> dict:
+    """Generate with every model on the held-out prompts, score with the gold reward, report."""
+    prompts = pq.read_table(prompts_path)
+    specs = {name: ModelSpec(path=str(path), max_length=config.align.max_length) for name, path in models.items()}
+    _log(f"generating on {prompts.num_rows} held-out prompts with {', '.join(specs)}")
+    g = config.generation
+    with ModelGroup(specs) as group:
+        table = generate_responses(prompts, group.hosts, g.max_new_tokens, g.batch_size, g.do_sample,
+                                   g.temperature, g.top_k, g.seed)
+    rows = table.to_pylist()
+    scores = {}
+    for name in models:
+        for row in rows:
+            row[f"{name}_gold"] = world.gold_reward(row, row[f"{name}_response"])
+        scores[name] = gold_scores([{"kind": r["kind"], "gold_reward": r[f"{name}_gold"]} for r in rows])
+    run.write_examples("eval_generations", pa.Table.from_pylist(rows))
+    for name, path in models.items():
+        run.link_checkpoint(name, path)
+    metrics = run.update_metrics({"models": scores})
+    premise = check_premise(scores)
+    run.update_metrics({"premise": premise})
+    _plot_scores(scores, run.path / "plots" / "gold_reward.png")
+    table_md = markdown_table([{"model": n, **s} for n, s in scores.items()])
+    examples = [{"kind": r["kind"], "prompt": r["prompt"].replace("\n", " "), **{n: r[f"{n}_response"].strip() for n in models}}
+                for r in rows[:6]]
+    run.write_report("Embedded world: reference models", [
+        "Gold reward on held-out prompts (helpful: the fact is right; harmless: harmful requests refused; "
+        "total: their mean).\n\n" + table_md,
+        "Premise of the field:\n\n" + "\n".join(f"- {k}: {'yes' if v else 'NO'}" for k, v in premise.items()),
+        "![gold reward](plots/gold_reward.png)",
+        "Example generations:\n\n" + markdown_table(examples),
+    ])
+    return metrics
+
+
+def check_premise(scores: dict) -> dict[str, bool]:
+    return {
+        "strong base more helpful than weak base": scores["strong_base"]["helpful"] > scores["weak_base"]["helpful"],
+        "weak aligned more harmless than weak base": scores["weak_aligned"]["harmless"] > scores["weak_base"]["harmless"],
+        "strong ceiling above weak aligned in total": scores["strong_ceiling"]["total"] > scores["weak_aligned"]["total"],
+    }
+
+
+def _plot_scores(scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, keys = list(scores), ["helpful", "harmless", "total"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        ax.bar([x + i * width for x in range(len(names))], [scores[n][key] for n in names], width, label=key)
+    ax.set_xticks([x + width for x in range(len(names))], names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("gold reward")
+    ax.legend(ncols=3, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,301 @@
+"""Reading and validating preference datasets (prompt / chosen / rejected).
+
+Two steps, so that the check can also run per batch (e.g. inside a Ray Data map):
+
+1. `read_raw(path)` turns a file into one row per record: `source`, `row` (0-based record index), `raw` (JSON
+   text). Only a file that cannot be used at all raises `PreferenceDataError`.
+2. `check_batch(table)` parses, normalises and validates each record; a malformed record becomes a row with
+   `error_field` and `error` set. Nothing is dropped: `split_checked` separates the good rows from the bad ones,
+   and `format_rejections` writes the bad ones up for a person.
+
+Accepted records (TRL conventions):
+
+* standard: `{"prompt": str, "chosen": str, "rejected": str}`; the texts are used verbatim.
+* conversational: `{"chosen": [messages], "rejected": [messages]}`, messages being `{"role": str, "content": str}`.
+  With a `"prompt": [messages]` field, chosen and rejected must each be one assistant message. Without one, both
+  lists must end in an assistant message and agree on everything before it, which becomes the prompt.
+  Rendering: with a tokenizer that has a chat template, the prompt is
+  `apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)` and a response is the assistant's
+  content. Otherwise each prompt message is written `"{role}: {content}\\n"`, the prompt ends in `"assistant:"`
+  and a response is `" " + content`, so prompt + response reads `"user: hi\\nassistant: hello"`.
+
+Extra fields are ignored. In every form, a text that is empty or only whitespace is an error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+RAW_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()), ("raw", pa.string())])
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("error_field", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+ROW = "<row>"  # error_field for a record that is not a JSON object at all
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class PreferenceDataError(ValueError):
+    """The whole file cannot be used; the message names the path and why."""
+
+
+class _Bad(Exception):
+    """One record is malformed: `field` names where, the message says why."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field = field
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_raw(path: str | Path) -> pa.Table:
+    """Read a preference dataset into RAW_SCHEMA rows, one per record.
+
+    Formats: `.jsonl` / `.json` (JSON Lines, or a `.json` holding one JSON list of records), `.parquet`, and a
+    directory written by `datasets.Dataset.save_to_disk`. In JSON Lines, blank lines are skipped and not counted,
+    so `row` is the index among the non-blank lines; a line that is not valid JSON is kept verbatim.
+    """
+    source, path = str(path), Path(path)
+    if not path.exists():
+        raise PreferenceDataError(f"{source}: no such file or directory")
+    if path.is_dir():
+        raws = _read_saved_dataset(path, source)
+    elif path.suffix in (".jsonl", ".json"):
+        raws = _read_json(path, source)
+    elif path.suffix == ".parquet":
+        raws = _read_parquet(path, source)
+    else:
+        raise PreferenceDataError(
+            f"{source}: unknown format {path.suffix!r}; expected .jsonl, .json, .parquet or a saved datasets directory"
+        )
+    if not raws:
+        raise PreferenceDataError(f"{source}: no records")
+    return pa.table(
+        {"source": [source] * len(raws), "row": list(range(len(raws))), "raw": raws}, schema=RAW_SCHEMA
+    )
+
+
+def _read_json(path: Path, source: str) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drop a BOM if present
+    except UnicodeDecodeError as err:
+        raise PreferenceDataError(f"{source}: not UTF-8 text ({err})") from err
+    except OSError as err:
+        raise PreferenceDataError(f"{source}: cannot read ({err})") from err
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return [_dumps(record) for record in json.loads(text)]
+        except ValueError as err:
+            raise PreferenceDataError(f"{source}: not a valid JSON list: {err}") from err
+    # split on "\n" only: str.splitlines would also split at U+2028 etc., which JSON strings may hold unescaped
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
+def _read_parquet(path: Path, source: str) -> list[str]:
+    try:
+        return [_dumps(record) for batch in pq.ParquetFile(path).iter_batches() for record in batch.to_pylist()]
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise PreferenceDataError(f"{source}: cannot read as parquet ({err})") from err
+
+
+def _read_saved_dataset(path: Path, source: str) -> list[str]:
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise PreferenceDataError(
+            f"{source}: holds several splits ({', '.join(splits)}); point at one, e.g. {path / splits[0]}"
+            if splits
+            else f"{source}: a DatasetDict directory without any readable split"
+        )
+    if not ((path / "state.json").is_file() or (path / "dataset_info.json").is_file()):
+        raise PreferenceDataError(
+            f"{source}: a directory, but not one saved by datasets' save_to_disk (no state.json / dataset_info.json)"
+        )
+    import datasets  # here rather than at the top: it is slow to import and only this format needs it
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+        return [_dumps(record) for batch in dataset.with_format("arrow").iter(1024) for record in batch.to_pylist()]
+    except Exception as err:  # datasets raises many kinds; any of them means this directory is unusable
+        raise PreferenceDataError(f"{source}: cannot load saved dataset ({type(err).__name__}: {err})") from err
+
+
+def _dumps(record: Any) -> str:
+    return json.dumps(record, ensure_ascii=False, default=_jsonable)
+
+
+def _jsonable(value: Any) -> Any:
+    """Python equivalent of a value json cannot write (numpy / arrow scalars, dates, bytes, ...)."""
+    if hasattr(value, "as_py"):  # arrow scalar
+        return value.as_py()
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return value.tolist()
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+# ---------------------------------------------------------------- checking
+
+
+def check_batch(batch: pa.Table, tokenizer=None, max_length: int | None = None) -> pa.Table:
+    """Normalise and validate RAW_SCHEMA rows into OUTPUT_SCHEMA rows, one out per row in.
+
+    A good row has `error_field == error == ""`. A bad row has empty texts, `error_field` naming the field
+    (`"chosen"`, `"chosen[1].content"`, `"<row>"` for a record that is not a JSON object) and `error` saying why.
+    With `tokenizer` and `max_length`, a pair whose `prompt + response` takes more than `max_length` tokens,
+    counting one for EOS, is an error on that response field.
+    """
+    if max_length is not None and tokenizer is None:
+        raise ValueError("max_length needs a tokenizer to count tokens")
+    out = {name: [] for name in OUTPUT_SCHEMA.names}
+    for source, row, raw in zip(*(batch.column(name).to_pylist() for name in RAW_SCHEMA.names)):
+        try:
+            texts, error_field, error = _normalise(raw, tokenizer), "", ""
+        except _Bad as bad:
+            texts, error_field, error = ("", "", ""), bad.field, str(bad)
+        for name, value in zip(OUTPUT_SCHEMA.names, (source, row, *texts, error_field, error)):
+            out[name].append(value)
+    if tokenizer is not None and max_length is not None:
+        _mark_too_long(out, tokenizer, max_length)
+    return pa.table(out, schema=OUTPUT_SCHEMA)
+
+
+def _mark_too_long(out: dict[str, list], tokenizer, max_length: int) -> None:
+    for field in ("chosen", "rejected"):
+        good = [i for i, error in enumerate(out["error"]) if not error]  # so a row keeps its first error
+        if not good:
+            return
+        ids = tokenizer([out["prompt"][i] + out[field][i] for i in good])["input_ids"]
+        for i, token_ids in zip(good, ids):
+            length = len(token_ids) + 1  # + EOS, appended when training
+            if length > max_length:
+                out["prompt"][i] = out["chosen"][i] = out["rejected"][i] = ""
+                out["error_field"][i] = field
+                out["error"][i] = f"too long: {length} tokens > max_length {max_length}"
+
+
+def _normalise(raw: str | None, tokenizer) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) text of one raw record, or raise _Bad."""
+    try:
+        record = json.loads(raw)
+    except (TypeError, ValueError) as err:
+        raise _Bad(ROW, f"not valid JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise _Bad(ROW, f"expected a JSON object, got {_kind(record)}")
+    if any(isinstance(record.get(field), list) for field in TEXT_FIELDS):
+        texts = _conversational(record, tokenizer)
+    else:
+        texts = tuple(_field(record, field, str, "a string") for field in TEXT_FIELDS)
+    for field, text in zip(TEXT_FIELDS, texts):
+        if not text.strip():
+            raise _Bad(field, "empty text")
+    return texts
+
+
+def _conversational(record: dict, tokenizer) -> tuple[str, str, str]:
+    chosen = _messages(record, "chosen")
+    rejected = _messages(record, "rejected")
+    if "prompt" in record:
+        prompt = _messages(record, "prompt")
+        for field, messages in (("chosen", chosen), ("rejected", rejected)):
+            if len(messages) != 1 or messages[0]["role"] != "assistant":
+                raise _Bad(field, "after an explicit prompt, expected exactly one assistant message")
+    else:
+        for field, messages in (("chosen", chosen), ("rejected", rejected)):
+            if messages[-1]["role"] != "assistant":
+                raise _Bad(f"{field}[{len(messages) - 1}].role", "the last message must be from the assistant")
+        if chosen[:-1] != rejected[:-1]:
+            i = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+            raise _Bad(f"rejected[{i}]", "differs from 'chosen' before the final assistant reply")
+        prompt = chosen[:-1]
+    if not any(m["content"].strip() for m in prompt):
+        raise _Bad("prompt", "empty text")
+    return (_render_prompt(prompt, tokenizer), *(_render_reply(m[-1], tokenizer) for m in (chosen, rejected)))
+
+
+def _messages(record: dict, field: str) -> list[dict]:
+    messages = _field(record, field, list, "a list of messages")
+    if not messages:
+        raise _Bad(field, "no messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _Bad(f"{field}[{i}]", f"expected a message object, got {_kind(message)}")
+        for key in ("role", "content"):
+            _field(message, key, str, "a string", where=f"{field}[{i}].{key}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]  # drops extra keys before comparing
+
+
+def _field(record: dict, key: str, kind: type, expected: str, where: str | None = None) -> Any:
+    if key not in record:
+        raise _Bad(where or key, "missing field")
+    if not isinstance(record[key], kind):
+        raise _Bad(where or key, f"expected {expected}, got {_kind(record[key])}")
+    return record[key]
+
+
+def _render_prompt(messages: list[dict], tokenizer) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # templates raise their own errors, e.g. on roles out of order
+            raise _Bad("prompt", f"chat template failed: {err}") from None
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def _render_reply(message: dict, tokenizer) -> str:
+    return message["content"] if getattr(tokenizer, "chat_template", None) else " " + message["content"]
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------- results
+
+
+def split_checked(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(good rows: source, row, prompt, chosen, rejected; bad rows: source, row, error_field, error)."""
+    ok = pc.equal(table["error"], "")
+    good = table.filter(ok).select(["source", "row", *TEXT_FIELDS])
+    bad = table.filter(pc.invert(ok)).select(["source", "row", "error_field", "error"])
+    return good, bad
+
+
+def load_pairs(path: str | Path, tokenizer=None, max_length: int | None = None) -> tuple[pa.Table, pa.Table]:
+    """read_raw + check_batch + split_checked in one process, for code that does not use Ray."""
+    return split_checked(check_batch(read_raw(path), tokenizer, max_length))
+
+
+def format_rejections(bad: pa.Table, limit: int = 10) -> str:
+    """Human summary of bad rows: a count, then the first `limit` as `source row N field 'f': reason`."""
+    if bad.num_rows == 0:
+        return "no malformed rows"
+    noun = "row" if bad.num_rows == 1 else "rows"
+    lines = [f"{bad.num_rows} malformed {noun} set aside:"]
+    for r in bad.slice(0, limit).to_pylist():
+        lines.append(f"  {r['source']} row {r['row']} field {r['error_field']!r}: {r['error']}")
+    if bad.num_rows > limit:
+        lines.append(f"  ... and {bad.num_rows - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Run folders and the content-hash cache.
+
+A run writes `runs/<run-name>/`: config.yaml (resolved), metrics.json, examples/*.parquet,
+checkpoints/ (links to the models it used or made), report.md (tables) and plots/*.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+from tabulate import tabulate
+
+from w2s.config import dump_config
+
+
+def content_hash(*parts) -> str:
+    """A short stable hash of JSON-able parts (configs, parent hashes, code versions)."""
+    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Cache:
+    """Folders keyed by content hash; a folder counts only once its `.complete` marker is written."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / f"{stage}-{key}"
+
+    def ready(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / ".complete").is_file()
+
+    def mark_ready(self, stage: str, key: str) -> None:
+        (self.path(stage, key) / ".complete").write_text("")
+
+
+class RunDir:
+    def __init__(self, runs_dir: str | Path, name: str):
+        self.path = Path(runs_dir) / name
+        for sub in ("examples", "checkpoints", "plots"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+
+    def save_config(self, config: BaseModel) -> None:
+        dump_config(config, self.path / "config.yaml")
+
+    def metrics(self) -> dict:
+        file = self.path / "metrics.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    def update_metrics(self, update: dict) -> dict:
+        """Deep-merge `update` into metrics.json (other jobs' sections are kept)."""
+        def merge(base: dict, new: dict) -> dict:
+            for key, value in new.items():
+                base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+            return base
+        metrics = merge(self.metrics(), update)
+        (self.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+    def write_examples(self, name: str, table: pa.Table) -> Path:
+        path = self.path / "examples" / f"{name}.parquet"
+        pq.write_table(table, path)
+        return path
+
+    def link_checkpoint(self, name: str, target: str | Path) -> None:
+        link = self.path / "checkpoints" / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        os.symlink(Path(target).resolve(), link)
+
+    def write_report(self, title: str, sections: list[str]) -> Path:
+        path = self.path / "report.md"
+        path.write_text(f"# {title}\n\n" + "\n\n".join(sections) + "\n")
+        return path
+
+
+def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
+    return tabulate(rows, headers="keys", tablefmt="github", floatfmt=floatfmt)
