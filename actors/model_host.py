@@ -58,8 +58,9 @@ class ModelGroup:
 
     def __init__(self, specs: dict[str, ModelSpec], gpus_per_model: float | None = None,
                  cpus_per_model: float | None = None, strategy: str = "PACK"):
-        for spec in specs.values():
-            check_model_path(spec.path)  # fail before reserving anything
+        # Fail before reserving anything; actors get absolute paths (their working directory differs).
+        specs = {role: spec.model_copy(update={"path": str(check_model_path(spec.path).resolve())})
+                 for role, spec in specs.items()}
         resources = ray.cluster_resources()
         gpus = gpus_per_model if gpus_per_model is not None else (1 if resources.get("GPU", 0) >= 1 else 0)
         if cpus_per_model is None:

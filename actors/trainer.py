@@ -244,6 +244,8 @@ def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_
 
     from w2s.modeling import check_model_path
 
+    # Workers run in their own working directory: hand them absolute paths.
+    init_model, data, output_dir = (Path(p).resolve() for p in (init_model, data, output_dir))
     check_model_path(init_model)
     _rows(str(data), config.mode, reference)  # fail on a missing column before any worker starts
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0

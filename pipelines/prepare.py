@@ -91,6 +91,8 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> dict[str, Path]
         pq.write_table(pa.Table.from_pylist([p.__dict__ for p in world.eval_prompts()]), path / "eval_prompts.parquet")
 
     data = _stage(cache, "world", world_key, build_data)
+    if run is not None:
+        run.link("data", data)  # corpus, gold pairs and held-out prompts of this world
 
     models: dict[str, Path] = {}
     for side in ("weak", "strong"):
@@ -148,7 +150,7 @@ def evaluate(config: PrepareConfig, world: World, prompts_path: Path, models: di
         scores[name] = gold_scores([{"kind": r["kind"], "gold_reward": r[f"{name}_gold"]} for r in rows])
     run.write_examples("eval_generations", pa.Table.from_pylist(rows))
     for name, path in models.items():
-        run.link_checkpoint(name, path)
+        run.link(f"checkpoints/{name}", path)
     metrics = run.update_metrics({"models": scores})
     premise = check_premise(scores)
     run.update_metrics({"premise": premise})

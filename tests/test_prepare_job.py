@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path):
-    env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # From another working directory, with the config's relative runs/ and .cache/ folders.
+    env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.prepare", "--config", "configs/tiny.yaml",
-           "--set", f"runs_dir={tmp_path / 'runs'}", "--set", f"cache_dir={tmp_path / 'cache'}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "jobs.prepare", "--config", str(ROOT / "configs/tiny.yaml")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 

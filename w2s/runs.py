@@ -29,7 +29,7 @@ class Cache:
     """Folders keyed by content hash; a folder counts only once its `.complete` marker is written."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # handed to Ray workers, whose working directory differs
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / f"{stage}-{key}"
@@ -69,8 +69,9 @@ class RunDir:
         pq.write_table(table, path)
         return path
 
-    def link_checkpoint(self, name: str, target: str | Path) -> None:
-        link = self.path / "checkpoints" / name
+    def link(self, name: str, target: str | Path) -> None:
+        """A link in the run folder to something cached elsewhere (a model, the world's data)."""
+        link = self.path / name
         if link.is_symlink() or link.exists():
             link.unlink()
         os.symlink(Path(target).resolve(), link)

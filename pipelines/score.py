@@ -1,0 +1,55 @@
+"""Score a preference dataset with several models: per-token log-probs of chosen and rejected.
+
+This is the first stage of every weak-to-strong method (the weak aligned, weak base and strong
+reference models are scored once, then training needs only the policy resident).
+"""
+
+from __future__ import annotations
+
+import ray
+from pydantic import Field
+
+from actors.model_host import ModelGroup
+from actors.stages import score_preferences
+from w2s.config import StrictModel
+from w2s.modeling import ModelSpec
+from w2s.runs import RunDir
+
+# Texts whose token ids every model must agree on before anything is scored.
+TOKENIZER_PROBES = ["Hello, world! 123", "q: zorb color?\na: red.", "  leading spaces and\nnew lines\t."]
+
+
+class TokenizerMismatchError(ValueError):
+    """Models that do not give the same token ids for the same text cannot be compared per token."""
+
+
+class ScoreConfig(StrictModel):
+    run_name: str = "score"
+    runs_dir: str = "runs"
+    data: str = Field(description="preference data: JSONL, Parquet or a saved HF dataset")
+    models: dict[str, ModelSpec] = Field(min_length=1, description="role -> checkpoint, e.g. weak_aligned, weak_base, strong")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(512, ge=8, description="rows whose prompt+response is longer are set aside")
+    require_same_tokenizer: bool = True
+
+
+def check_same_tokenizer(group: ModelGroup) -> None:
+    ids = {role: ray.get(host.token_ids.remote(TOKENIZER_PROBES)) for role, host in group.hosts.items()}
+    roles = list(ids)
+    for role in roles[1:]:
+        if ids[role] != ids[roles[0]]:
+            text = next(t for t, a, b in zip(TOKENIZER_PROBES, ids[roles[0]], ids[role]) if a != b)
+            raise TokenizerMismatchError(
+                f"models {roles[0]!r} and {role!r} tokenize {text!r} differently; per-token scores need one shared tokenizer")
+
+
+def score(config: ScoreConfig, run: RunDir) -> dict:
+    with ModelGroup(config.models) as group:
+        if config.require_same_tokenizer:
+            check_same_tokenizer(group)
+        first = next(iter(config.models.values())).path
+        result = score_preferences(config.data, group.hosts, run.path / "examples", tokenizer_path=first,
+                                   max_length=config.max_length, batch_size=config.batch_size)
+    print(f"[score] scored {result.n_scored} rows -> {result.scored_path}\n[score] {result.report}", flush=True)
+    return run.update_metrics({"scoring": {"data": config.data, "scored_rows": result.n_scored,
+                                           "set_aside_rows": result.n_rejected}})
