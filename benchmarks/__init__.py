@@ -1,0 +1,1 @@
+"""Throughput benchmarks of the Ray stages and the trainer (`python -m benchmarks.run`)."""
