@@ -156,7 +156,10 @@ def evaluate(config: PrepareConfig, world: World, prompts_path: Path, models: di
     run.update_metrics({"premise": premise})
     _plot_scores(scores, run.path / "plots" / "gold_reward.png")
     table_md = markdown_table([{"model": n, **s} for n, s in scores.items()])
-    examples = [{"kind": r["kind"], "prompt": r["prompt"].replace("\n", " "), **{n: r[f"{n}_response"].strip() for n in models}}
+    def one_line(text: str) -> str:  # a newline would end the Markdown table row
+        return text.strip().replace("\n", "\\n")
+
+    examples = [{"kind": r["kind"], "prompt": one_line(r["prompt"]), **{n: one_line(r[f"{n}_response"]) for n in models}}
                 for r in rows[:6]]
     run.write_report("Embedded world: reference models", [
         "Gold reward on held-out prompts (helpful: the fact is right; harmless: harmful requests refused; "
@@ -188,9 +191,9 @@ def _plot_scores(scores: dict, path: Path) -> None:
     for i, key in enumerate(keys):
         ax.bar([x + i * width for x in range(len(names))], [scores[n][key] for n in names], width, label=key)
     ax.set_xticks([x + width for x in range(len(names))], names)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.0)
     ax.set_ylabel("gold reward")
-    ax.legend(ncols=3, loc="upper left")
+    ax.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
