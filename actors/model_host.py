@@ -64,8 +64,12 @@ class ModelGroup:
                  for role, spec in specs.items()}
         gpus = gpus_per_model if gpus_per_model is not None else (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
         if cpus_per_model is None:
-            free = ray.available_resources().get("CPU", 1)
-            cpus_per_model = 1 if gpus else max(0.05, round((free - 1) / len(specs), 2))
+            free = ray.available_resources().get("CPU", 0)
+            cpus_per_model = 1 if gpus else round((free - 1) / len(specs), 2)
+            if cpus_per_model < 0.05:
+                # Ray Data's own tasks need a whole free CPU: without one the stages would hang.
+                raise RuntimeError(f"only {free:g} CPUs free for {len(specs)} model hosts plus one CPU for Ray Data; "
+                                   "shut down other model groups or pass cpus_per_model")
         bundle = {"CPU": cpus_per_model, **({"GPU": gpus} if gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         ray.get(self.placement.ready(), timeout=600)

@@ -86,26 +86,8 @@ def test_generation_keeps_row_order(group):
     assert {"weak_response", "strong_response"} <= set(out.column_names)
 
 
-def test_score_job_refuses_mismatched_tokenizers_before_scoring(ray_local, checkpoints, tmp_path):
-    import shutil
 
-    from pipelines.score import ScoreConfig, TokenizerMismatchError, score
-    from w2s.runs import RunDir
-
-    other = tmp_path / "other"
-    shutil.copytree(checkpoints["strong"], other)
-    spec = json.loads((other / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    vocab["q"], vocab["z"] = vocab["z"], vocab["q"]
-    (other / "tokenizer.json").write_text(json.dumps(spec))
-    data = tmp_path / "prefs.jsonl"
-    data.write_text(json.dumps(GOOD[0]) + "\n")
-    config = ScoreConfig(data=str(data), models={"weak": ModelSpec(path=str(checkpoints["weak"])),
-                                                 "strong": ModelSpec(path=str(other))})
-    run = RunDir(tmp_path / "runs", "score")
-    with pytest.raises(TokenizerMismatchError, match="models 'weak' and 'strong' tokenize 'q: zorb color"):
-        score(config, run)
-    assert not (run.path / "examples" / "scored.parquet").exists()
-
-    config.models["strong"] = ModelSpec(path=str(checkpoints["strong"]))
-    assert score(config, run)["scoring"] == {"data": str(data), "scored_rows": 1, "set_aside_rows": 0}
+def test_second_group_without_a_free_cpu_fails_fast(group, checkpoints):
+    spec = ModelSpec(path=str(checkpoints["weak"]))
+    with pytest.raises(RuntimeError, match="CPUs free for 2 model hosts plus one CPU for Ray Data"):
+        ModelGroup({"a": spec, "b": spec})
