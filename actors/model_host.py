@@ -52,9 +52,8 @@ class ModelGroup:
     """A placement group with one bundle per model and a `ModelHost` in each.
 
     gpus_per_model: None = 1 when the cluster has GPUs, else 0.
-    cpus_per_model: None = 1 on GPUs; on CPUs an equal share of all but one of the CPUs still free,
-    so that the Ray Data tasks that feed the hosts always have a CPU to run on (also when another
-    group is alive).
+    cpus_per_model: None = 1 on GPUs; on CPUs an equal share of all but one CPU, so that the Ray
+    Data tasks that feed the hosts always have a CPU to run on.
     """
 
     def __init__(self, specs: dict[str, ModelSpec], gpus_per_model: float | None = None,
@@ -62,14 +61,10 @@ class ModelGroup:
         # Fail before reserving anything; actors get absolute paths (their working directory differs).
         specs = {role: spec.model_copy(update={"path": str(check_model_path(spec.path).resolve())})
                  for role, spec in specs.items()}
-        gpus = gpus_per_model if gpus_per_model is not None else (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
+        resources = ray.cluster_resources()
+        gpus = gpus_per_model if gpus_per_model is not None else (1 if resources.get("GPU", 0) >= 1 else 0)
         if cpus_per_model is None:
-            free = ray.available_resources().get("CPU", 0)
-            cpus_per_model = 1 if gpus else round((free - 1) / len(specs), 2)
-            if cpus_per_model < 0.05:
-                # Ray Data's own tasks need a whole free CPU: without one the stages would hang.
-                raise RuntimeError(f"only {free:g} CPUs free for {len(specs)} model hosts plus one CPU for Ray Data; "
-                                   "shut down other model groups or pass cpus_per_model")
+            cpus_per_model = 1 if gpus else max(0.05, round((resources.get("CPU", 1) - 1) / len(specs), 2))
         bundle = {"CPU": cpus_per_model, **({"GPU": gpus} if gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         ray.get(self.placement.ready(), timeout=600)
