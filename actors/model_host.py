@@ -40,10 +40,6 @@ class ModelHost:
 
         return generate(self.model, self.tokenizer, prompts, max_new_tokens, do_sample, temperature, top_k, seed)
 
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """How this model's tokenizer splits `texts` (to check that models share a tokenizer)."""
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
     def where(self) -> dict:
         return {"role": self.role, "node_id": ray.get_runtime_context().get_node_id(), "device": self.device}
 

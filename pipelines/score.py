@@ -6,13 +6,12 @@ reference models are scored once, then training needs only the policy resident).
 
 from __future__ import annotations
 
-import ray
 from pydantic import Field
 
 from actors.model_host import ModelGroup
 from actors.stages import score_preferences
 from w2s.config import StrictModel
-from w2s.modeling import ModelSpec
+from w2s.modeling import ModelSpec, load_tokenizer, same_tokenization
 from w2s.runs import RunDir
 
 # Texts whose token ids every model must agree on before anything is scored.
@@ -33,20 +32,21 @@ class ScoreConfig(StrictModel):
     require_same_tokenizer: bool = True
 
 
-def check_same_tokenizer(group: ModelGroup) -> None:
-    ids = {role: ray.get(host.token_ids.remote(TOKENIZER_PROBES)) for role, host in group.hosts.items()}
-    roles = list(ids)
-    for role in roles[1:]:
-        if ids[role] != ids[roles[0]]:
-            text = next(t for t, a, b in zip(TOKENIZER_PROBES, ids[roles[0]], ids[role]) if a != b)
-            raise TokenizerMismatchError(
-                f"models {roles[0]!r} and {role!r} tokenize {text!r} differently; per-token scores need one shared tokenizer")
+def check_same_tokenizer(models: dict[str, ModelSpec]) -> None:
+    """Compare the tokenizers in this process, before any model is loaded."""
+    tokenizers = {role: load_tokenizer(spec.path, spec.trust_remote_code) for role, spec in models.items()}
+    (first, reference), *others = tokenizers.items()
+    for role, tokenizer in others:
+        for text in TOKENIZER_PROBES:
+            if not same_tokenization(reference, tokenizer, [text]):
+                raise TokenizerMismatchError(f"models {first!r} and {role!r} tokenize {text!r} differently; "
+                                             "per-token scores need one shared tokenizer")
 
 
 def score(config: ScoreConfig, run: RunDir) -> dict:
+    if config.require_same_tokenizer:
+        check_same_tokenizer(config.models)
     with ModelGroup(config.models) as group:
-        if config.require_same_tokenizer:
-            check_same_tokenizer(group)
         first = next(iter(config.models.values())).path
         result = score_preferences(config.data, group.hosts, run.path / "examples", tokenizer_path=first,
                                    max_length=config.max_length, batch_size=config.batch_size)
