@@ -28,6 +28,7 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.wspo
 
 clean:
 	rm -rf $(VENV) .cache runs

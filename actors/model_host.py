@@ -8,6 +8,8 @@ CPUs instead; the code path is the same.
 
 from __future__ import annotations
 
+import math
+
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -60,7 +62,8 @@ class ModelGroup:
         resources = ray.cluster_resources()
         gpus = gpus_per_model if gpus_per_model is not None else (1 if resources.get("GPU", 0) >= 1 else 0)
         if cpus_per_model is None:
-            cpus_per_model = 1 if gpus else max(0.05, round((resources.get("CPU", 1) - 1) / len(specs), 2))
+            # rounded down: rounding 1/6 up to 0.17 would leave 0.98 CPU free, and Ray Data would wait forever
+            cpus_per_model = 1 if gpus else max(0.05, math.floor(100 * (resources.get("CPU", 1) - 1) / len(specs)) / 100)
         bundle = {"CPU": cpus_per_model, **({"GPU": gpus} if gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         ray.get(self.placement.ready(), timeout=600)

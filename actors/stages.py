@@ -35,18 +35,19 @@ class _CheckRows:
 
 
 class _ScoreWithHosts:
-    def __init__(self, hosts: dict):
-        self.hosts = hosts
+    def __init__(self, hosts: dict, responses: tuple[str, ...]):
+        self.hosts, self.responses = hosts, responses
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch.column("prompt").to_pylist()
-        chosen, rejected = batch.column("chosen").to_pylist(), batch.column("rejected").to_pylist()
+        texts = [text for side in self.responses for text in batch.column(side).to_pylist()]
         n = len(prompts)
-        futures = {role: h.logprobs.remote(prompts + prompts, chosen + rejected) for role, h in self.hosts.items()}
+        # one call per host with every response column stacked, so all hosts work at once
+        futures = {role: h.logprobs.remote(prompts * len(self.responses), texts) for role, h in self.hosts.items()}
         for role, future in futures.items():
             logps = ray.get(future)
-            batch = batch.append_column(f"{role}_chosen_logps", pa.array(logps[:n], pa.list_(pa.float32())))
-            batch = batch.append_column(f"{role}_rejected_logps", pa.array(logps[n:], pa.list_(pa.float32())))
+            for i, side in enumerate(self.responses):
+                batch = batch.append_column(f"{role}_{side}_logps", pa.array(logps[i * n:(i + 1) * n], pa.list_(pa.float32())))
         return batch
 
 
@@ -72,17 +73,19 @@ class ScoreResult:
 
 
 def _dataset(table: pa.Table, batch_size: int):
-    """A dataset of about one block per batch, cut here: a repartition would need a whole free CPU."""
+    """A dataset of about one block per batch, cut here. `from_blocks` reads block metadata in this
+    process; `from_arrow` and a repartition would each run a task that needs a whole free CPU."""
     step = max(batch_size, -(-table.num_rows // 64))
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
+    return ray.data.from_blocks([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
 
 
 def score_preferences(data_path: str | Path, hosts: dict, output_dir: str | Path, tokenizer_path: str | None = None,
-                      max_length: int | None = None, batch_size: int = 32) -> ScoreResult:
+                      max_length: int | None = None, batch_size: int = 32,
+                      responses: tuple[str, ...] = ("chosen", "rejected")) -> ScoreResult:
     """Validate a preference dataset and attach per-token log-probs from every host.
 
-    Writes `<output_dir>/scored.parquet` (source, row, prompt, chosen, rejected,
-    `<role>_chosen_logps`, `<role>_rejected_logps`) and `<output_dir>/rejected_rows.parquet`
+    Writes `<output_dir>/scored.parquet` (source, row, prompt, chosen, rejected, and
+    `<role>_<side>_logps` for every side in `responses`) and `<output_dir>/rejected_rows.parquet`
     (source, row, error_field, error). A file that cannot be read at all raises
     `PreferenceDataError` before any model is called.
     """
@@ -95,7 +98,7 @@ def score_preferences(data_path: str | Path, hosts: dict, output_dir: str | Path
     # The checked rows are only text: split them here, then stream the good ones through the models.
     good, bad_table = split_checked(_to_table(checked))
     scored_table = _to_table(_dataset(good, batch_size).map_batches(
-        _ScoreWithHosts, fn_constructor_kwargs={"hosts": hosts}, batch_size=batch_size,
+        _ScoreWithHosts, fn_constructor_kwargs={"hosts": hosts, "responses": tuple(responses)}, batch_size=batch_size,
         batch_format="pyarrow", concurrency=1, num_cpus=STAGE_CPUS)) if good.num_rows else pa.table({})
     bad_table = bad_table.sort_by("row")
     pq.write_table(bad_table, output_dir / "rejected_rows.parquet")

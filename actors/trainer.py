@@ -1,14 +1,17 @@
 """The one trainer of the project: Ray Train workers running DeepSpeed ZeRO-3.
 
 Every training stage goes through `train()`: language-model pretraining (`lm`), supervised
-fine-tuning on responses (`sft`) and DPO (`dpo`: sigmoid, IPO or hinge, with an optional SFT term).
-The same code runs with the gloo backend on CPUs and NCCL on GPUs.
+fine-tuning on responses (`sft`), DPO (`dpo`: sigmoid, IPO or hinge, with an optional SFT term) and
+WSPO (`wspo`: regression of the policy's per-token log-ratio onto the weak models' one). Full
+fine-tuning or LoRA (peft). The same code runs with the gloo backend on CPUs and NCCL on GPUs.
 
 Data is a Parquet file every worker can read (a shared filesystem on a cluster):
   lm:  text
   sft: prompt, response
   dpo: prompt, chosen, rejected, <reference>_chosen_logps, <reference>_rejected_logps (per-token lists from the
        scoring stage: the frozen reference is scored once, so only the policy is resident here)
+  wspo: prompt, response, weak_aligned_logps, weak_base_logps, <reference>_logps (per-token lists; with
+       LoRA the reference is the policy with its adapter disabled, computed here, and not needed)
 
 Checkpoints go through Ray Train (DeepSpeed shards + optimizer + step). Running `train()` again
 with the same `run_dir` and name resumes from the last checkpoint, whether the previous driver was
@@ -32,11 +35,22 @@ from pydantic import Field, model_validator
 from w2s.config import StrictModel
 
 
+class LoraSettings(StrictModel):
+    """LoRA adapters (peft) instead of full fine-tuning; the saved model has the adapter merged in."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None: peft's default for the architecture")
+
+
 class TrainConfig(StrictModel):
-    mode: Literal["lm", "sft", "dpo"] = "dpo"
+    mode: Literal["lm", "sft", "dpo", "wspo"] = "dpo"
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     sft_weight: float = Field(0.0, ge=0, description="weight of an NLL term on chosen responses (dpo mode)")
+    gamma: float = Field(0.1, gt=0, description="WSPO: strong log-ratio is pulled to weak log-ratio / gamma")
+    lora: LoraSettings | None = None
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -60,17 +74,20 @@ class TrainConfig(StrictModel):
         return self
 
 
-def _rows(path: str, mode: str, reference: str = "ref") -> list[dict]:
-    """Training rows; for DPO the `<reference>_*_logps` columns are renamed `ref_*_logps`."""
+def _rows(path: str, config: TrainConfig, reference: str = "ref") -> list[dict]:
+    """Training rows; the `<reference>_*logps` columns are renamed `ref_*logps`."""
     import pyarrow.parquet as pq
 
     needed = {"lm": ["text"], "sft": ["prompt", "response"],
-              "dpo": ["prompt", "chosen", "rejected", f"{reference}_chosen_logps", f"{reference}_rejected_logps"]}[mode]
+              "dpo": ["prompt", "chosen", "rejected", f"{reference}_chosen_logps", f"{reference}_rejected_logps"],
+              "wspo": ["prompt", "response", "weak_aligned_logps", "weak_base_logps"]
+              + ([] if config.lora else [f"{reference}_logps"])}[config.mode]
     table = pq.read_table(path)
     missing = [c for c in needed if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: mode {mode!r} needs columns {needed}; missing {missing}")
-    return table.select(needed).rename_columns([c.replace(f"{reference}_", "ref_", 1) for c in needed]).to_pylist()
+        raise ValueError(f"{path}: mode {config.mode!r} needs columns {needed}; missing {missing}")
+    renamed = ["ref_" + c.removeprefix(f"{reference}_") if c.startswith(f"{reference}_") else c for c in needed]
+    return table.select(needed).rename_columns(renamed).to_pylist()
 
 
 def _batches(rows: list[dict], config: TrainConfig, rank: int, world: int):
@@ -107,6 +124,8 @@ def _loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tuple:
         logp = token_logprobs(model, tb)
         loss = masked_mean_nll(logp, tb.response_mask[:, 1:].to(logp.device))
         return loss, int(tb.attention_mask.sum()), {"loss": loss.item()}
+    if config.mode == "wspo":
+        return _wspo_loss(model, tokenizer, batch, config)
 
     prompts = [r["prompt"] for r in batch] * 2
     responses = [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
@@ -132,9 +151,79 @@ def _loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tuple:
     return loss, int(tb.attention_mask.sum()), metrics
 
 
+def _per_token(values: list[list[float]], mask, name: str):
+    """Stored per-token lists -> a [B, T-1] tensor on the response positions of `mask`."""
+    import torch
+
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for i, (row, row_mask) in enumerate(zip(values, mask)):
+        if len(row) != int(row_mask.sum()):
+            raise ValueError(f"{name}: {len(row)} stored log-probs for a response of {int(row_mask.sum())} tokens; "
+                             "was it scored with another tokenizer or max_length?")
+        out[i, row_mask] = torch.tensor(row, dtype=torch.float32, device=mask.device)
+    return out
+
+
+def _wspo_loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tuple:
+    """WSPO on one micro-batch: only the policy runs here; the weak streams (and, without LoRA,
+    the strong reference) were scored once by the Ray Data stage."""
+    import torch
+
+    from w2s.losses import wspo_loss
+    from w2s.modeling import token_logprobs, tokenize_pairs
+
+    tb = tokenize_pairs(tokenizer, [r["prompt"] for r in batch], [r["response"] for r in batch], config.max_length)
+    logp = token_logprobs(model, tb)
+    mask = tb.response_mask[:, 1:].bool().to(logp.device)
+    if config.lora:  # the reference is the policy with its adapter disabled
+        module = getattr(model, "module", model)  # the DeepSpeed engine wraps the peft model
+        with torch.no_grad(), module.disable_adapter():
+            ref = token_logprobs(module, tb)
+    else:
+        ref = _per_token([r["ref_logps"] for r in batch], mask, "ref_logps")
+    weak_aligned = _per_token([r["weak_aligned_logps"] for r in batch], mask, "weak_aligned_logps")
+    weak_base = _per_token([r["weak_base_logps"] for r in batch], mask, "weak_base_logps")
+    loss = wspo_loss(logp, ref, weak_aligned, weak_base, mask, config.gamma).mean()
+    ntok = mask.sum().clamp(min=1)
+    strong_ratio = ((logp.detach() - ref) * mask).sum() / ntok
+    weak_ratio = ((weak_aligned - weak_base) * mask).sum() / ntok
+    # "amplification" -> 1/gamma at the optimum, in the mean over tokens
+    return loss, int(tb.attention_mask.sum()), {"loss": loss.item(), "strong_log_ratio": strong_ratio.item(),
+                                                 "weak_log_ratio": weak_ratio.item()}
+
+
+def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
+    """Wrap `model` in a DeepSpeed engine (ZeRO stage of `config`) with AdamW on its trainable
+    parameters and a linear warm-up + cosine schedule. Returns (engine, scheduler)."""
+    import deepspeed
+    import torch
+
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam is CUDA-only
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, scheduler
+
+
 def _train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import deepspeed  # only inside workers: the driver may have no accelerator
     import ray.train
     import torch
     from transformers import AutoModelForCausalLM
@@ -151,28 +240,11 @@ def _train_loop(loop_config: dict) -> None:
     tokenizer = load_tokenizer(loop_config["init_model"])
     model = AutoModelForCausalLM.from_pretrained(loop_config["init_model"], dtype=torch.float32, use_safetensors=True)
     model.config.use_cache = False
-    rows = _rows(loop_config["data"], config.mode, loop_config["reference"])
+    if config.lora:
+        model = _add_lora(model, config.lora)
+    rows = _rows(loop_config["data"], config, loop_config["reference"])
     total_steps = max(1, math.ceil(config.epochs * max(1, len(rows) // (config.batch_size * world))))
-    warmup = int(config.warmup_ratio * total_steps)
-
-    def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": config.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": config.grad_clip,
-        "zero_optimization": {"stage": config.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam is CUDA-only
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, scheduler = deepspeed_engine(model, config, total_steps, dtype)
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -219,7 +291,10 @@ def _train_loop(loop_config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             final_dir = os.path.join(tmp, "model")
-            engine.module.save_pretrained(final_dir, state_dict=state, safe_serialization=True)
+            if config.lora:
+                _save_merged_lora(loop_config["init_model"], config.lora, state, final_dir)
+            else:
+                engine.module.save_pretrained(final_dir, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(final_dir)
             with open(os.path.join(tmp, "train_summary.json"), "w") as f:
                 json.dump({"steps": total_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
@@ -230,13 +305,34 @@ def _train_loop(loop_config: dict) -> None:
         writer.close()
 
 
+def _add_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str) -> None:
+    """Save the base model with the trained adapter merged in (a plain HF checkpoint every stage can
+    load), and the adapter alone in `<out>/lora_adapter`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(init_model, dtype=torch.float32, use_safetensors=True)
+    peft_model = _add_lora(base, lora)
+    peft_model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    peft_model.save_pretrained(os.path.join(out, "lora_adapter"), safe_serialization=True)
+    peft_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+
+
 def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path,
           name: str, storage_dir: str | Path, tensorboard_dir: str | Path | None = None, reference: str = "ref") -> dict:
     """Train `init_model` on `data` and write the resulting HF checkpoint to `output_dir`.
 
     `storage_dir`/`name` is where Ray Train keeps checkpoints: calling again with the same pair
-    resumes from the last checkpoint. For DPO, `reference` names the scored log-prob columns
-    (`<reference>_chosen_logps`, `<reference>_rejected_logps`) of the frozen reference. Returns the train summary (steps, tokens, seconds).
+    resumes from the last checkpoint. `reference` names the scored log-prob columns of the frozen
+    reference: `<reference>_chosen_logps` and `<reference>_rejected_logps` for DPO, `<reference>_logps`
+    for WSPO. Returns the train summary (steps, tokens, seconds).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -247,7 +343,7 @@ def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_
     # Workers run in their own working directory: hand them absolute paths.
     init_model, data, output_dir = (Path(p).resolve() for p in (init_model, data, output_dir))
     check_model_path(init_model)
-    _rows(str(data), config.mode, reference)  # fail on a missing column before any worker starts
+    _rows(str(data), config, reference)  # fail on a missing column before any worker starts
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         _train_loop,

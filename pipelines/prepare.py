@@ -6,13 +6,14 @@
            ->  generate on held-out prompts, gold reward, metrics.json + report.md
 
 Every model is cached by the content hash of everything that made it, so a second run (or a
-method job) reuses them. `prepare()` returns the paths of the four models.
+method job) reuses them. `prepare()` returns the world, its data folder and the paths of the four models.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,10 +21,10 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from actors.model_host import ModelGroup
-from actors.stages import generate_responses, score_preferences
+from actors.stages import score_preferences
 from actors.trainer import TrainConfig, train
+from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
 from w2s.config import StrictModel
-from w2s.metrics import gold_scores
 from w2s.modeling import GPTSize, ModelSpec, init_gpt2
 from w2s.runs import Cache, RunDir, content_hash, markdown_table
 from w2s.world import World, WorldConfig, build_tokenizer
@@ -34,15 +35,6 @@ MODELS = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")
 class PretrainStage(StrictModel):
     size: GPTSize
     train: TrainConfig
-
-
-class GenerationConfig(StrictModel):
-    max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(100, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)
-    seed: int = 0
 
 
 class PrepareConfig(StrictModel):
@@ -76,7 +68,14 @@ def _stage(cache: Cache, name: str, key: str, build) -> Path:
     return path
 
 
-def prepare(config: PrepareConfig, run: RunDir | None = None) -> dict[str, Path]:
+@dataclass
+class Prepared:
+    world: World
+    data: Path  # corpus.parquet, pairs.jsonl (gold preference pairs), eval_prompts.parquet
+    models: dict[str, Path]  # MODELS -> HF checkpoint folders
+
+
+def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
     """Build (or reuse) the four models; when `run` is given, evaluate them and write the report."""
     cache = Cache(config.cache_dir)
     world = World(config.world)
@@ -130,43 +129,25 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> dict[str, Path]
 
     if run is not None:
         evaluate(config, world, data / "eval_prompts.parquet", models, run)
-    return models
+    return Prepared(world, data, models)
 
 
 def evaluate(config: PrepareConfig, world: World, prompts_path: Path, models: dict[str, Path], run: RunDir) -> dict:
     """Generate with every model on the held-out prompts, score with the gold reward, report."""
-    prompts = pq.read_table(prompts_path)
-    specs = {name: ModelSpec(path=str(path), max_length=config.align.max_length) for name, path in models.items()}
-    _log(f"generating on {prompts.num_rows} held-out prompts with {', '.join(specs)}")
-    g = config.generation
-    with ModelGroup(specs) as group:
-        table = generate_responses(prompts, group.hosts, g.max_new_tokens, g.batch_size, g.do_sample,
-                                   g.temperature, g.top_k, g.seed)
-    rows = table.to_pylist()
-    scores = {}
-    for name in models:
-        for row in rows:
-            row[f"{name}_gold"] = world.gold_reward(row, row[f"{name}_response"])
-        scores[name] = gold_scores([{"kind": r["kind"], "gold_reward": r[f"{name}_gold"]} for r in rows])
-    run.write_examples("eval_generations", pa.Table.from_pylist(rows))
+    scores, generations = gold_evaluate(world, prompts_path, models, config.generation, config.align.max_length)
+    run.write_examples("eval_generations", generations)
     for name, path in models.items():
         run.link(f"checkpoints/{name}", path)
-    metrics = run.update_metrics({"models": scores})
+    run.update_metrics({"models": scores})
     premise = check_premise(scores)
-    run.update_metrics({"premise": premise})
-    _plot_scores(scores, run.path / "plots" / "gold_reward.png")
-    table_md = markdown_table([{"model": n, **s} for n, s in scores.items()])
-    def one_line(text: str) -> str:  # a newline would end the Markdown table row
-        return text.strip().replace("\n", "\\n")
-
-    examples = [{"kind": r["kind"], "prompt": one_line(r["prompt"]), **{n: one_line(r[f"{n}_response"]) for n in models}}
-                for r in rows[:6]]
+    metrics = run.update_metrics({"premise": premise})
+    plot_scores(scores, run.path / "plots" / "gold_reward.png")
     run.write_report("Embedded world: reference models", [
         "Gold reward on held-out prompts (helpful: the fact is right; harmless: harmful requests refused; "
-        "total: their mean).\n\n" + table_md,
+        "total: their mean).\n\n" + markdown_table([{"model": n, **s} for n, s in scores.items()]),
         "Premise of the field:\n\n" + "\n".join(f"- {k}: {'yes' if v else 'NO'}" for k, v in premise.items()),
         "![gold reward](plots/gold_reward.png)",
-        "Example generations:\n\n" + markdown_table(examples),
+        "Example generations:\n\n" + examples_table(generations, list(models)),
     ])
     return metrics
 
@@ -177,23 +158,3 @@ def check_premise(scores: dict) -> dict[str, bool]:
         "weak aligned more harmless than weak base": scores["weak_aligned"]["harmless"] > scores["weak_base"]["harmless"],
         "strong ceiling above weak aligned in total": scores["strong_ceiling"]["total"] > scores["weak_aligned"]["total"],
     }
-
-
-def _plot_scores(scores: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names, keys = list(scores), ["helpful", "harmless", "total"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(keys)
-    for i, key in enumerate(keys):
-        ax.bar([x + i * width for x in range(len(names))], [scores[n][key] for n in names], width, label=key)
-    ax.set_xticks([x + width for x in range(len(names))], names)
-    ax.set_ylim(0, 1.0)
-    ax.set_ylabel("gold reward")
-    ax.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -28,3 +28,18 @@ def checkpoints(tmp_path_factory):
         "weak": init_gpt2(GPTSize(n_layer=1, n_embd=16, n_head=1), tokenizer, root / "weak", seed=1),
         "strong": init_gpt2(GPTSize(n_layer=2, n_embd=32, n_head=2), tokenizer, root / "strong", seed=2),
     }
+
+
+@pytest.fixture(scope="session")
+def mismatched_checkpoint(checkpoints, tmp_path_factory):
+    """The strong checkpoint with 'q' and 'z' swapped in its tokenizer: same vocabulary, other ids."""
+    import json
+    import shutil
+
+    other = tmp_path_factory.mktemp("mismatch") / "strong"
+    shutil.copytree(checkpoints["strong"], other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["q"], vocab["z"] = vocab["z"], vocab["q"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    return other

@@ -1,4 +1,4 @@
-"""Losses as pure tensor math (no Ray, no models): DPO and its variants, SFT.
+"""Losses as pure tensor math (no Ray, no models): DPO and its variants, SFT, WSPO.
 
 Inputs are sequence log-probs already reduced over response tokens; the trainer decides the
 reduction (sum for sigmoid/hinge as in DPO, per-token mean for IPO as in TRL).
@@ -37,3 +37,19 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def masked_mean_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per token, averaged over the masked tokens of the whole batch."""
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def wspo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weak_aligned_logps: torch.Tensor,
+              weak_base_logps: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sequence WSPO loss (Zhu et al., ICLR 2025), a regression on per-token log-ratios.
+
+    loss_i = (1/|y_i|) * sum_t ( gamma * (log pi_s - log pi_s_ref) - (log pi_w_aligned - log pi_w_base) )^2
+    All inputs are [B, T] over the same token positions; `mask` is 1 on response tokens. The mean
+    is per sequence (not over all tokens of the batch), so short and long responses weigh the same;
+    the caller takes the batch mean. At the optimum the strong log-ratio is (1/gamma) x the weak one.
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    mask = mask.to(policy_logps.dtype)
+    residual = gamma * (policy_logps - ref_logps) - (weak_aligned_logps - weak_base_logps)
+    return (residual.pow(2) * mask).sum(-1) / mask.sum(-1).clamp(min=1)

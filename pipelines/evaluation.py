@@ -1,0 +1,80 @@
+"""Gold-reward evaluation on the embedded world, shared by every job.
+
+Every model generates on the held-out prompts through model-hosting actors (one group, so the
+models run side by side); the world's gold reward scores each response.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from actors.model_host import ModelGroup
+from actors.stages import generate_responses
+from w2s.config import StrictModel
+from w2s.metrics import gold_scores
+from w2s.modeling import ModelSpec
+from w2s.runs import markdown_table
+from w2s.world import World
+
+
+class GenerationConfig(StrictModel):
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(100, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    seed: int = 0
+
+
+def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path], generation: GenerationConfig,
+                  max_length: int) -> tuple[dict[str, dict], pa.Table]:
+    """Scores {model: {helpful, harmless, total}} and the generations (`<model>_response`, `<model>_gold`)."""
+    prompts = pq.read_table(prompts_path)
+    specs = {name: ModelSpec(path=str(path), max_length=max_length) for name, path in models.items()}
+    print(f"[evaluate] generating on {prompts.num_rows} held-out prompts with {', '.join(specs)}", flush=True)
+    g = generation
+    with ModelGroup(specs) as group:
+        table = generate_responses(prompts, group.hosts, g.max_new_tokens, g.batch_size, g.do_sample,
+                                   g.temperature, g.top_k, g.seed)
+    rows = table.to_pylist()
+    scores = {}
+    for name in models:
+        for row in rows:
+            row[f"{name}_gold"] = world.gold_reward(row, row[f"{name}_response"])
+        scores[name] = gold_scores([{"kind": r["kind"], "gold_reward": r[f"{name}_gold"]} for r in rows])
+    return scores, pa.Table.from_pylist(rows)
+
+
+def examples_table(generations: pa.Table, models: list[str], n: int = 6) -> str:
+    """The first `n` held-out prompts and every model's response, as a Markdown table."""
+    def one_line(text: str) -> str:  # a newline would end the Markdown table row
+        return text.strip().replace("\n", "\\n")
+
+    rows = generations.slice(0, n).to_pylist()
+    return markdown_table([{"kind": r["kind"], "prompt": one_line(r["prompt"]),
+                            **{m: one_line(r[f"{m}_response"]) for m in models}} for r in rows])
+
+
+def plot_scores(scores: dict, path: Path) -> None:
+    """Grouped bars: helpful, harmless and total gold reward of each model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, keys = list(scores), ["helpful", "harmless", "total"]
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(names)), 3.5))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        ax.bar([x + i * width for x in range(len(names))], [scores[n][key] for n in names], width, label=key)
+    ax.set_xticks([x + width for x in range(len(names))], names, fontsize=8)
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel("gold reward")
+    ax.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,238 @@
+"""WSPO, weak-to-strong preference optimization (ALGORITHMS.md section 1), on the Ray backbone.
+
+    models + data -> tokenizers compared in the driver (a mismatch stops here, before any model loads)
+                  -> score the training responses once under weak_aligned, weak_base and the strong
+                     reference (Ray Data through model-hosting actors; with LoRA the reference is the
+                     policy with its adapter disabled, so the strong model is not scored here)
+                  -> per gamma: DeepSpeed ZeRO-3 Ray Train workers regress the strong policy's per-token
+                     log-ratio onto the weak one / gamma, with only the policy resident
+                  -> embedded world: gold reward, PGR and the gamma sweep in metrics.json + report.md
+
+Scores and trained models are cached by content hash, so the sweep scores once and a rerun trains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from actors.model_host import ModelGroup
+from actors.stages import score_preferences
+from actors.trainer import TrainConfig, train
+from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
+from pipelines.prepare import PrepareConfig, prepare
+from pipelines.score import check_same_tokenizer
+from w2s.config import StrictModel, load_config
+from w2s.metrics import pgr
+from w2s.modeling import ModelSpec
+from w2s.runs import Cache, RunDir, content_hash, markdown_table
+
+REFERENCES = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")
+
+
+class WSPOModels(StrictModel):
+    weak_aligned: ModelSpec
+    weak_base: ModelSpec
+    strong: ModelSpec = Field(description="the strong base: the policy starts from it and it is the frozen reference")
+
+
+class WSPOConfig(StrictModel):
+    run_name: str = "wspo"
+    runs_dir: str = "runs"
+    cache_dir: str = ".cache/w2s"
+    prepare: str | None = Field("configs/prepare.yaml", description="embedded world: the prepare config whose "
+                                "(cached) models and gold pairs to use; null when `models` and `data` are given")
+    models: WSPOModels | None = None
+    data: str | None = Field(None, description="your preference data (JSONL, Parquet or saved HF dataset)")
+    responses: Literal["chosen", "rejected", "both"] = Field("chosen", description="which responses to train on")
+    train: TrainConfig = TrainConfig(mode="wspo")
+    gamma_sweep: list[float] = Field([0.05, 0.1, 0.2, 0.5], description="more gammas to train and compare")
+    score_batch_size: int = Field(64, ge=1)
+    generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.train.mode != "wspo":
+            raise ValueError(f"train.mode must be 'wspo', got {self.train.mode!r}")
+        if (self.prepare is None) == (self.models is None):
+            raise ValueError("give either `prepare` (the embedded world) or `models` (your own checkpoints)")
+        if self.models is not None and self.data is None:
+            raise ValueError("`models` needs `data`: the preference file to train on")
+        if self.prepare is not None and self.data is not None:
+            raise ValueError("`data` applies to your own `models`; the embedded world brings its gold pairs")
+        if any(g <= 0 for g in self.gamma_sweep):
+            raise ValueError(f"gamma_sweep: every gamma must be > 0, got {self.gamma_sweep}")
+        return self
+
+    def gammas(self) -> list[float]:
+        """The main gamma first, then the rest of the sweep."""
+        return [self.train.gamma] + sorted({g for g in self.gamma_sweep if g != self.train.gamma})
+
+
+def _log(msg: str) -> None:
+    print(f"[wspo] {msg}", flush=True)
+
+
+def training_table(scored: pa.Table, responses: str) -> pa.Table:
+    """Scored pairs -> one row per training response: prompt, response, side and `<role>_logps` per role."""
+    sides = ["chosen", "rejected"] if responses == "both" else [responses]
+    roles = [c.removesuffix(f"_{sides[0]}_logps") for c in scored.column_names if c.endswith(f"_{sides[0]}_logps")]
+    parts = []
+    for side in sides:
+        columns = {"row": scored["row"], "prompt": scored["prompt"], "response": scored[side],
+                   "side": pa.array([side] * scored.num_rows, pa.string())}
+        columns.update({f"{role}_logps": scored[f"{role}_{side}_logps"] for role in roles})
+        parts.append(pa.table(columns))
+    return pa.concat_tables(parts)
+
+
+def _data_fingerprint(path: str) -> list:
+    """Path, size and modification time: a changed data file is scored again."""
+    stat = os.stat(path)
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def run_wspo(config: WSPOConfig, run: RunDir) -> dict:
+    start = time.perf_counter()
+    prepared = None
+    if config.prepare is not None:
+        _log(f"embedded world from {config.prepare} (cached models are reused)")
+        prepared = prepare(load_config(PrepareConfig, config.prepare))
+        max_length = config.train.max_length
+        models = {"weak_aligned": ModelSpec(path=str(prepared.models["weak_aligned"]), max_length=max_length),
+                  "weak_base": ModelSpec(path=str(prepared.models["weak_base"]), max_length=max_length),
+                  "strong": ModelSpec(path=str(prepared.models["strong_base"]), max_length=max_length)}
+        data = str(prepared.data / "pairs.jsonl")
+        run.link("data", prepared.data)
+    else:
+        models, data = config.models.model_dump(), config.data
+        models = {role: ModelSpec(**spec) for role, spec in models.items()}
+
+    # All four models index the same token positions: refuse different tokenizers before scoring.
+    check_same_tokenizer(models)
+
+    cache = Cache(config.cache_dir)
+    hosts = {"weak_aligned": models["weak_aligned"], "weak_base": models["weak_base"]}
+    if not config.train.lora:  # with LoRA the policy computes its own reference (adapter disabled)
+        hosts["strong_ref"] = models["strong"]
+    sides = ("chosen", "rejected") if config.responses == "both" else (config.responses,)
+    scores_key = content_hash("wspo-scores-v1", {r: s.path for r, s in hosts.items()}, _data_fingerprint(data),
+                              config.train.max_length, sides)
+    scores_dir = cache.path("wspo_scores", scores_key)
+    if cache.ready("wspo_scores", scores_key):
+        _log(f"scores: cached ({scores_dir})")
+    else:
+        _log(f"scoring {'+'.join(sides)} responses of {data} under {', '.join(hosts)} (Ray Data)")
+        t0 = time.perf_counter()
+        with ModelGroup(hosts) as group:
+            result = score_preferences(data, group.hosts, scores_dir, tokenizer_path=models["strong"].path,
+                                       max_length=config.train.max_length, batch_size=config.score_batch_size,
+                                       responses=sides)
+        _log(f"scored {result.n_scored} rows in {time.perf_counter() - t0:.0f}s; {result.report}")
+        pq.write_table(training_table(pq.read_table(result.scored_path), config.responses),
+                       scores_dir / "train.parquet")
+        cache.mark_ready("wspo_scores", scores_key)
+    train_data = scores_dir / "train.parquet"
+    rejected = pq.read_table(scores_dir / "rejected_rows.parquet")
+    run.write_examples("wspo_rejected_rows", rejected)
+
+    storage = cache.root / "ray_train"
+    trained: dict[float, Path] = {}
+    summaries: dict[float, dict] = {}
+    for gamma in config.gammas():
+        stage = config.train.model_copy(update={"gamma": gamma})
+        key = content_hash("wspo-v1", scores_key, models["strong"].path, stage)
+        path = cache.path("wspo", key)
+        if not cache.ready("wspo", key):
+            _log(f"gamma {gamma}: training ({path})")
+            path.mkdir(parents=True, exist_ok=True)
+            summary = train(stage, models["strong"].path, train_data, path / "model", f"wspo-{key}", storage,
+                            tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}", reference="strong_ref")
+            (path / "train_summary.json").write_text(json.dumps(summary))
+            cache.mark_ready("wspo", key)
+        else:
+            _log(f"gamma {gamma}: cached ({path})")
+        trained[gamma] = path / "model"
+        summaries[gamma] = json.loads((path / "train_summary.json").read_text())
+        run.link(f"checkpoints/wspo_gamma_{gamma}", path / "model")
+
+    section = {"gamma": config.train.gamma, "responses": config.responses, "lora": config.train.lora is not None,
+               "train_rows": pq.read_metadata(train_data).num_rows, "set_aside_rows": rejected.num_rows,
+               "train_seconds": {str(g): round(s["seconds"], 1) for g, s in summaries.items()}}
+    if prepared is None:
+        metrics = run.update_metrics({"methods": {"wspo": section}})
+        run.write_report("WSPO", [f"Trained the strong model with WSPO on {data} ({section['train_rows']} "
+                                  f"{config.responses} responses). No gold reward exists for your own data: evaluate "
+                                  "the checkpoints in `checkpoints/` with your own judge.",
+                                  markdown_table([{"gamma": g, "model": str(p)} for g, p in trained.items()])])
+        return metrics
+    metrics = _evaluate(config, prepared, trained, section, run)
+    run.update_metrics({"wall_seconds": {"wspo": round(time.perf_counter() - start, 1)}})
+    return metrics
+
+
+def _name(gamma: float) -> str:
+    return f"wspo_gamma_{gamma}"
+
+
+def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], section: dict, run: RunDir) -> dict:
+    """Gold reward of the reference models and every WSPO model on the held-out prompts; PGR on total."""
+    models = {name: prepared.models[name] for name in REFERENCES}
+    models.update({_name(g): path for g, path in trained.items()})
+    scores, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", models,
+                                        config.generation, config.train.max_length)
+    run.write_examples("eval_generations", generations)
+    weak, ceiling = scores["weak_aligned"]["total"], scores["strong_ceiling"]["total"]
+    sweep = [{"gamma": g, **scores[_name(g)], "pgr": pgr(scores[_name(g)]["total"], weak, ceiling)}
+             for g in sorted(trained)]
+    main = next(row for row in sweep if row["gamma"] == config.train.gamma)
+    section.update({k: main[k] for k in ("helpful", "harmless", "total", "pgr")}, sweep=sweep)
+    metrics = run.update_metrics({"models": {n: scores[n] for n in REFERENCES}, "methods": {"wspo": section}})
+
+    plot_scores({n: scores[n] for n in (*REFERENCES, _name(config.train.gamma))}, run.path / "plots" / "gold_reward.png")
+    _plot_sweep(sweep, scores, run.path / "plots" / "wspo_gamma_sweep.png")
+    table = [{"model": n, **scores[n], "pgr": None} for n in REFERENCES]
+    table.append({"model": f"WSPO (gamma {config.train.gamma})", **{k: main[k] for k in ("helpful", "harmless", "total", "pgr")}})
+    run.write_report("WSPO on the embedded world", [
+        f"The strong base trained with WSPO on the {section['train_rows']} {config.responses} responses of the gold "
+        f"pairs, guided by the weak aligned / weak base pair ({'LoRA' if section['lora'] else 'full fine-tuning'}, "
+        f"lr {config.train.lr}, {config.train.epochs} epochs). Gold reward on {generations.num_rows} held-out prompts; "
+        "PGR on total = (WSPO - weak aligned) / (strong ceiling - weak aligned).",
+        markdown_table(table),
+        "![gold reward](plots/gold_reward.png)",
+        "Gamma sweep:\n\n" + markdown_table(sweep),
+        "![gamma sweep](plots/wspo_gamma_sweep.png)",
+        "Example generations:\n\n" + examples_table(generations, ["weak_aligned", "strong_base", "strong_ceiling",
+                                                                  _name(config.train.gamma)]),
+    ])
+    return metrics
+
+
+def _plot_sweep(sweep: list[dict], scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gammas = [row["gamma"] for row in sweep]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for key, style in (("total", "o-"), ("helpful", "s--"), ("harmless", "^--")):
+        ax.plot(gammas, [row[key] for row in sweep], style, label=f"WSPO {key}")
+    for name, color in (("weak_aligned", "tab:gray"), ("strong_ceiling", "tab:green"), ("strong_base", "tab:red")):
+        ax.axhline(scores[name]["total"], color=color, linestyle=":", label=f"{name} total")
+    ax.set_xscale("log")
+    ax.set_xticks(gammas, [str(g) for g in gammas])
+    ax.set_xlabel("gamma")
+    ax.set_ylabel("gold reward")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
