@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/prepare.yaml
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo wspo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(PY) -m jobs.prepare --config $(DEMO_CONFIG)
+
+wspo: setup
+	$(PY) -m jobs.wspo --config configs/wspo.yaml
 
 test: setup
 	$(PY) -m pytest

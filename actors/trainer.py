@@ -78,16 +78,15 @@ def _rows(path: str, config: TrainConfig, reference: str = "ref") -> list[dict]:
     """Training rows; the `<reference>_*logps` columns are renamed `ref_*logps`."""
     import pyarrow.parquet as pq
 
-    needed = {"lm": ["text"], "sft": ["prompt", "response"],
-              "dpo": ["prompt", "chosen", "rejected", f"{reference}_chosen_logps", f"{reference}_rejected_logps"],
-              "wspo": ["prompt", "response", "weak_aligned_logps", "weak_base_logps"]
-              + ([] if config.lora else [f"{reference}_logps"])}[config.mode]
+    references = {"dpo": {f"{reference}_chosen_logps": "ref_chosen_logps", f"{reference}_rejected_logps": "ref_rejected_logps"},
+                  "wspo": {} if config.lora else {f"{reference}_logps": "ref_logps"}}.get(config.mode, {})
+    needed = {"lm": ["text"], "sft": ["prompt", "response"], "dpo": ["prompt", "chosen", "rejected"],
+              "wspo": ["prompt", "response", "weak_aligned_logps", "weak_base_logps"]}[config.mode] + list(references)
     table = pq.read_table(path)
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: mode {config.mode!r} needs columns {needed}; missing {missing}")
-    renamed = ["ref_" + c.removeprefix(f"{reference}_") if c.startswith(f"{reference}_") else c for c in needed]
-    return table.select(needed).rename_columns(renamed).to_pylist()
+    return table.select(needed).rename_columns([references.get(c, c) for c in needed]).to_pylist()
 
 
 def _batches(rows: list[dict], config: TrainConfig, rank: int, world: int):
@@ -185,11 +184,12 @@ def _wspo_loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tupl
     weak_base = _per_token([r["weak_base_logps"] for r in batch], mask, "weak_base_logps")
     loss = wspo_loss(logp, ref, weak_aligned, weak_base, mask, config.gamma).mean()
     ntok = mask.sum().clamp(min=1)
-    strong_ratio = ((logp.detach() - ref) * mask).sum() / ntok
-    weak_ratio = ((weak_aligned - weak_base) * mask).sum() / ntok
-    # "amplification" -> 1/gamma at the optimum, in the mean over tokens
-    return loss, int(tb.attention_mask.sum()), {"loss": loss.item(), "strong_log_ratio": strong_ratio.item(),
-                                                 "weak_log_ratio": weak_ratio.item()}
+    strong_ratio, weak_ratio = (logp.detach() - ref) * mask, (weak_aligned - weak_base) * mask
+    # amplification: least-squares slope of the strong per-token log-ratio on the weak one (1/gamma at the optimum)
+    slope = (strong_ratio * weak_ratio).sum() / (weak_ratio * weak_ratio).sum().clamp(min=1e-12)
+    return loss, int(tb.attention_mask.sum()), {"loss": loss.item(), "strong_log_ratio": (strong_ratio.sum() / ntok).item(),
+                                                 "weak_log_ratio": (weak_ratio.sum() / ntok).item(),
+                                                 "amplification": slope.item()}
 
 
 def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):

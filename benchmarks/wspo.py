@@ -30,8 +30,12 @@ safetensors checkpoint by rank 0, returned as a Ray Train checkpoint).
 
 total s = scoring s + train wall s. loop s = rank 0's own clock from the first step to the saved
 final model (for the pipeline, the trainer's summary `seconds`; the same span in the official loop):
-training without the fixed start-up costs. Ratios are official / pipeline: above 1 means the
-pipeline is faster. Every number is measured in this run; each epochs value is a separate, complete
+training without the fixed start-up costs. final loss = rank 0's WSPO loss on the last step: both
+sides train the same model on the same batches, so it agrees up to float rounding (a check that the
+two sides do the same work, not a timing). Ratios are official / pipeline: above 1 means the
+pipeline is faster. With two or more epochs values, the cost of one more epoch is, per side,
+(total s at the most epochs - total s at the fewest) / (the difference in epochs): the fixed
+start-up cancels out, but start-up noise does not. Every number is measured in this run; each epochs value is a separate, complete
 run of both sides (the pipeline scores again each time), pipeline first. The machine load average
 is recorded before and after: other work on the machine slows whichever side runs beside it.
 """
@@ -46,26 +50,30 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from benchmarks.run import MAX_LENGTH
 
+if TYPE_CHECKING:
+    from actors.trainer import TrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
-ROLES = ("weak_aligned", "weak_base", "strong")  # checkpoint names; the strong one is the policy and the reference
 
 
 def make_inputs(work: Path, quick: bool) -> tuple[Path, dict[str, Path], int]:
-    """The gold pairs as JSONL and fresh GPT-2 checkpoints (weak pair: two seeds of one size)."""
+    """The gold pairs as JSONL, fresh GPT-2 checkpoints by role (the weak pair: two seeds of one size; the
+    strong one is both the policy's start and the frozen reference) and the number of pairs."""
     from w2s.modeling import GPTSize, init_gpt2
     from w2s.world import World, WorldConfig, build_tokenizer
 
-    prepare = yaml.safe_load((ROOT / "configs" / "prepare.yaml").read_text())
     if quick:
         world = WorldConfig(n_entities=20, n_pair_prompts=64)
         weak, strong = GPTSize(n_layer=1, n_embd=16, n_head=1), GPTSize(n_layer=2, n_embd=32, n_head=2)
     else:  # the default world's pair count and the sizes of configs/prepare.yaml
         world = WorldConfig()
+        prepare = yaml.safe_load((ROOT / "configs" / "prepare.yaml").read_text())
         weak, strong = (GPTSize(**prepare[name]["size"]) for name in ("weak", "strong"))
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in World(world).preference_pairs()]
     data = work / "pairs.jsonl"
@@ -76,7 +84,7 @@ def make_inputs(work: Path, quick: bool) -> tuple[Path, dict[str, Path], int]:
     return data, models, len(pairs)
 
 
-def run_pipeline(config, models: dict[str, Path], data: Path, work: Path) -> dict:
+def run_pipeline(config: TrainConfig, models: dict[str, Path], data: Path, work: Path) -> dict:
     """Score once with the three frozen models as actors, then train with only the policy resident."""
     import pyarrow.parquet as pq
 
@@ -102,7 +110,7 @@ def run_pipeline(config, models: dict[str, Path], data: Path, work: Path) -> dic
                     reference="strong_ref")
     train_wall = time.perf_counter() - start
     return {"rows": scored.n_scored, "steps": summary["steps"], "hosts_start_s": hosts_start, "scoring_s": scoring,
-            "train_wall_s": train_wall, "loop_s": summary["seconds"]}
+            "train_wall_s": train_wall, "loop_s": summary["seconds"], "final_loss": summary["last"]["loss"]}
 
 
 def official_loop(loop_config: dict) -> None:
@@ -161,7 +169,7 @@ def official_loop(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
-def run_official(config, models: dict[str, Path], data: Path, work: Path) -> dict:
+def run_official(config: TrainConfig, models: dict[str, Path], data: Path, work: Path) -> dict:
     """The official-style loop in Ray Train workers placed as actors/trainer.py places its own."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -183,7 +191,7 @@ def run_official(config, models: dict[str, Path], data: Path, work: Path) -> dic
     if result.error:
         raise RuntimeError("official-style loop failed") from result.error
     return {"rows": result.metrics["rows"], "steps": result.metrics["steps"], "hosts_start_s": 0.0, "scoring_s": 0.0,
-            "train_wall_s": train_wall, "loop_s": result.metrics["loop_seconds"]}
+            "train_wall_s": train_wall, "loop_s": result.metrics["loop_seconds"], "final_loss": result.metrics["loss"]}
 
 
 def _with_totals(side: str, epochs: float, run: dict) -> dict:
@@ -198,7 +206,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, nargs="+", help="epoch counts to compare (default: 1 3; --quick: 1)")
     parser.add_argument("--out", default="bench_results/wspo.json", help="JSON results (default: %(default)s)")
     args = parser.parse_args()
-    epochs = args.epochs or ([1.0] if args.quick else [1.0, 3.0])
+    epochs = sorted(set(args.epochs or ([1.0] if args.quick else [1.0, 3.0])))
 
     from jobs.common import connect_ray  # sets RAY_TRAIN_ENABLE_PRINT_PATCH=0 before Ray Train is imported
 
@@ -216,41 +224,39 @@ def main() -> None:
     base = TrainConfig(mode="wspo", gamma=0.1, lr=1e-4, batch_size=16, num_workers=2, zero_stage=3,
                        max_length=MAX_LENGTH, checkpoint_every=10**6, log_every=10**6)
     load_before = os.getloadavg()
-    runs = []
+    runs: dict[tuple[str, float], dict] = {}  # (side, epochs) -> measurements
     try:
         with tempfile.TemporaryDirectory(prefix="w2s-bench-wspo-") as tmp:
             work = Path(tmp)
             data, models, n_pairs = make_inputs(work, args.quick)
             for e in epochs:
-                config = base.model_copy(update={"epochs": e})
-                pipeline = _with_totals("pipeline", e, run_pipeline(config, models, data, work / f"pipeline-{e:g}"))
-                official = _with_totals("official", e, run_official(config, models, data, work / f"official-{e:g}"))
-                assert (pipeline["rows"], pipeline["steps"]) == (official["rows"], official["steps"]), (pipeline, official)
-                runs += [pipeline, official]
+                config = TrainConfig(**{**base.model_dump(), "epochs": e})  # validated: epochs > 0
+                for side, run in (("pipeline", run_pipeline), ("official", run_official)):
+                    runs[side, e] = _with_totals(side, e, run(config, models, data, work / f"{side}-{e:g}"))
+                same = [(runs[side, e]["rows"], runs[side, e]["steps"]) for side in ("pipeline", "official")]
+                assert same[0] == same[1], f"rows, steps differ between the sides: {same}"
     finally:
         ray.shutdown()
     load_after = os.getloadavg()
 
     ratios = []
     for e in epochs:
-        p, o = (next(r for r in runs if r["side"] == side and r["epochs"] == e) for side in ("pipeline", "official"))
+        p, o = runs["pipeline", e], runs["official", e]
         ratios.append({"epochs": e, "steps": p["steps"], "total": o["total_s"] / p["total_s"],
                        "per_epoch": o["s_per_epoch"] / p["s_per_epoch"], "loop": o["loop_s"] / p["loop_s"]})
-    # Cost of one more epoch, from the first and last epochs value: the fixed start-up cancels out.
+    # The cost of one more epoch, from the fewest and the most epochs run: the fixed start-up cancels out.
     marginal = None
     if len(epochs) > 1:
-        first, last = min(epochs), max(epochs)
-        extra = {side: (next(r for r in runs if r["side"] == side and r["epochs"] == last)["total_s"]
-                        - next(r for r in runs if r["side"] == side and r["epochs"] == first)["total_s"]) / (last - first)
+        lo, hi = min(epochs), max(epochs)
+        extra = {side: (runs[side, hi]["total_s"] - runs[side, lo]["total_s"]) / (hi - lo)
                  for side in ("pipeline", "official")}
-        marginal = {"from_epochs": [first, last], "pipeline_s": extra["pipeline"], "official_s": extra["official"],
+        marginal = {"from_epochs": [lo, hi], "pipeline_s": extra["pipeline"], "official_s": extra["official"],
                     "ratio": extra["official"] / extra["pipeline"]}
 
     table = [{"side": r["side"], "epochs": f"{r['epochs']:g}", "steps": r["steps"], "scoring s": r["scoring_s"],
-              "of which host start s": r["hosts_start_s"],
-              "train wall s": r["train_wall_s"], "loop s": r["loop_s"], "total s": r["total_s"],
-              "s/epoch": r["s_per_epoch"]} for r in runs]
-    # (The ratio of s/epoch is the total ratio again for one epochs value; it is in the JSON only.)
+              "of which host start s": r["hosts_start_s"], "train wall s": r["train_wall_s"], "loop s": r["loop_s"],
+              "total s": r["total_s"], "s/epoch": r["s_per_epoch"]} for r in runs.values()]
+    # (For one epochs value the ratio of s/epoch is the total ratio again: it is in the JSON only.)
     ratio_table = [{"epochs": f"{r['epochs']:g}", "official/pipeline total": r["total"],
                     "official/pipeline loop": r["loop"]} for r in ratios]
     print()
@@ -258,18 +264,21 @@ def main() -> None:
     print()
     print(markdown_table(ratio_table, floatfmt=".2f"))
     print()
-    last = ratios[-1]
-    faster = "faster" if last["total"] > 1 else "slower"
-    print(f"With {last['epochs']:g} epoch(s) on {n_pairs} pairs the pipeline is {faster}: the official-style loop "
-          f"takes {last['total']:.2f}x its total wall time and {last['loop']:.2f}x its training-loop time "
-          f"(four models x chosen and rejected each step, against one policy on chosen after a single scoring pass).")
+    most = ratios[-1]
+    print(f"With {most['epochs']:g} epoch(s) on {n_pairs} pairs the pipeline is "
+          f"{'faster' if most['total'] > 1 else 'slower'}: the official-style loop takes {most['total']:.2f}x its "
+          f"total wall time and {most['loop']:.2f}x its training-loop time (four models on chosen and rejected each "
+          "step, against one policy on chosen after a single scoring pass).")
     if marginal:
         print(f"One more epoch costs {marginal['official_s']:.1f} s official against {marginal['pipeline_s']:.1f} s "
-              f"pipeline ({marginal['ratio']:.2f}x), from the {marginal['from_epochs'][0]:g}- and "
-              f"{marginal['from_epochs'][1]:g}-epoch runs.")
-    print("scoring s: ModelGroup start (host start s: actors up, models loaded) + scoring + training table; train wall s: the whole train()/fit() call; "
-          "loop s: rank 0's clock, first step to saved model. "
-          f"Load average (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f} on {os.cpu_count()} CPUs.")
+              f"pipeline ({marginal['ratio']:.2f}x), from the {lo:g}- and {hi:g}-epoch runs.")
+    print("Last-step loss (rank 0), pipeline / official: " + ", ".join(
+        f"{e:g} epoch(s) {runs['pipeline', e]['final_loss']:.5f} / {runs['official', e]['final_loss']:.5f}"
+        for e in epochs) + " (the same training on both sides).")
+    print("scoring s: ModelGroup start (host start s: actors up, models loaded) + scoring + training table; "
+          "train wall s: the whole train()/fit() call; loop s: rank 0's clock, first step to saved model.")
+    print(f"Load average (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f} on {os.cpu_count()} CPUs "
+          "(above the CPU count, other work shared the machine).")
 
     results = {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -281,7 +290,7 @@ def main() -> None:
         "pairs": n_pairs,
         "config": base.model_dump(),
         "epochs": epochs,
-        "runs": runs,
+        "runs": list(runs.values()),
         "ratios": ratios,
         "marginal_epoch": marginal,
     }

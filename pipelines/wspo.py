@@ -46,7 +46,7 @@ class WSPOModels(StrictModel):
 class WSPOConfig(StrictModel):
     run_name: str = "wspo"
     runs_dir: str = "runs"
-    cache_dir: str = ".cache/w2s"
+    cache_dir: str = Field(".cache/w2s", description="content-hash cache of every stage, the prepared models included")
     prepare: str | None = Field("configs/prepare.yaml", description="embedded world: the prepare config whose "
                                 "(cached) models and gold pairs to use; null when `models` and `data` are given")
     models: WSPOModels | None = None
@@ -104,7 +104,7 @@ def run_wspo(config: WSPOConfig, run: RunDir) -> dict:
     prepared = None
     if config.prepare is not None:
         _log(f"embedded world from {config.prepare} (cached models are reused)")
-        prepared = prepare(load_config(PrepareConfig, config.prepare))
+        prepared = prepare(load_config(PrepareConfig, config.prepare, [f"cache_dir={config.cache_dir}"]))
         max_length = config.train.max_length
         models = {"weak_aligned": ModelSpec(path=str(prepared.models["weak_aligned"]), max_length=max_length),
                   "weak_base": ModelSpec(path=str(prepared.models["weak_base"]), max_length=max_length),
@@ -148,7 +148,7 @@ def run_wspo(config: WSPOConfig, run: RunDir) -> dict:
     summaries: dict[float, dict] = {}
     for gamma in config.gammas():
         stage = config.train.model_copy(update={"gamma": gamma})
-        key = content_hash("wspo-v1", scores_key, models["strong"].path, stage)
+        key = content_hash("wspo-v2", scores_key, models["strong"].path, stage)
         path = cache.path("wspo", key)
         if not cache.ready("wspo", key):
             _log(f"gamma {gamma}: training ({path})")
@@ -173,7 +173,7 @@ def run_wspo(config: WSPOConfig, run: RunDir) -> dict:
                                   "the checkpoints in `checkpoints/` with your own judge.",
                                   markdown_table([{"gamma": g, "model": str(p)} for g, p in trained.items()])])
         return metrics
-    metrics = _evaluate(config, prepared, trained, section, run)
+    metrics = _evaluate(config, prepared, trained, summaries, section, run)
     run.update_metrics({"wall_seconds": {"wspo": round(time.perf_counter() - start, 1)}})
     return metrics
 
@@ -182,7 +182,8 @@ def _name(gamma: float) -> str:
     return f"wspo_gamma_{gamma}"
 
 
-def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], section: dict, run: RunDir) -> dict:
+def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summaries: dict[float, dict], section: dict,
+              run: RunDir) -> dict:
     """Gold reward of the reference models and every WSPO model on the held-out prompts; PGR on total."""
     models = {name: prepared.models[name] for name in REFERENCES}
     models.update({_name(g): path for g, path in trained.items()})
@@ -190,7 +191,11 @@ def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], section:
                                         config.generation, config.train.max_length)
     run.write_examples("eval_generations", generations)
     weak, ceiling = scores["weak_aligned"]["total"], scores["strong_ceiling"]["total"]
-    sweep = [{"gamma": g, **scores[_name(g)], "pgr": pgr(scores[_name(g)]["total"], weak, ceiling)}
+    def last_batch(gamma: float) -> dict:  # the mechanism at work: amplification -> 1/gamma at the optimum
+        last = summaries[gamma]["last"]
+        return {"last_batch_loss": last["loss"], "last_batch_amplification": last["amplification"]}
+
+    sweep = [{"gamma": g, **scores[_name(g)], "pgr": pgr(scores[_name(g)]["total"], weak, ceiling), **last_batch(g)}
              for g in sorted(trained)]
     main = next(row for row in sweep if row["gamma"] == config.train.gamma)
     section.update({k: main[k] for k in ("helpful", "harmless", "total", "pgr")}, sweep=sweep)
@@ -207,7 +212,8 @@ def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], section:
         "PGR on total = (WSPO - weak aligned) / (strong ceiling - weak aligned).",
         markdown_table(table),
         "![gold reward](plots/gold_reward.png)",
-        "Gamma sweep:\n\n" + markdown_table(sweep),
+        "Gamma sweep (last_batch_amplification: least-squares slope of the policy's per-token log-ratio on the "
+        "weak one over the last training batch; 1/gamma at the optimum, lower where the target is out of reach):\n\n" + markdown_table(sweep),
         "![gamma sweep](plots/wspo_gamma_sweep.png)",
         "Example generations:\n\n" + examples_table(generations, ["weak_aligned", "strong_base", "strong_ceiling",
                                                                   _name(config.train.gamma)]),
@@ -228,6 +234,7 @@ def _plot_sweep(sweep: list[dict], scores: dict, path: Path) -> None:
     for name, color in (("weak_aligned", "tab:gray"), ("strong_ceiling", "tab:green"), ("strong_base", "tab:red")):
         ax.axhline(scores[name]["total"], color=color, linestyle=":", label=f"{name} total")
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the swept gammas are labelled
     ax.set_xticks(gammas, [str(g) for g in gammas])
     ax.set_xlabel("gamma")
     ax.set_ylabel("gold reward")

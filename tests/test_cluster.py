@@ -7,6 +7,7 @@ NOT use `ray stop`: that kills every Ray process on the machine, not just ours.
 
 import copy
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "cluster.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -236,3 +238,19 @@ def test_job_submit_with_token_auth(token_head, tmp_path):
     out = ok.stdout + ok.stderr
     assert ok.returncode == 0, out
     assert "succeeded" in out and EXPECTED in out, out
+
+    # A method job of the project, as a user submits it: WSPO on the tiny world (prepare included).
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    wspo = _run([RAY, "job", "submit", f"--address={url}", f"--working-dir={ROOT}", "--", "python", "-m", "jobs.wspo",
+                 "--config", "configs/tiny_wspo.yaml", "--set", f"runs_dir={runs}", "--set", f"cache_dir={cache}"],
+                env, 900)
+    out = wspo.stdout + wspo.stderr
+    assert wspo.returncode == 0 and "succeeded" in out, out[-5000:]
+    assert "gamma sweep" in out  # the job's table reaches the submitter
+    metrics = json.loads((runs / "tiny_wspo" / "metrics.json").read_text())
+    section = metrics["methods"]["wspo"]
+    assert {"helpful", "harmless", "total", "pgr", "sweep"} <= set(section) and section["gamma"] == 0.1
+    assert [row["gamma"] for row in section["sweep"]] == [0.1, 0.5] and section["train_rows"] == 64
+    assert set(metrics["models"]) == {"weak_base", "weak_aligned", "strong_base", "strong_ceiling"}
+    report = (runs / "tiny_wspo" / "report.md").read_text()
+    assert "Gamma sweep" in report and (runs / "tiny_wspo" / "plots" / "wspo_gamma_sweep.png").stat().st_size > 1000

@@ -1,9 +1,13 @@
 """The WSPO loss (ALGORITHMS.md section 1) against hand-computed values, and what it converges to."""
 
+import tempfile
+
 import pytest
 import torch
 
 from w2s.losses import wspo_loss
+from w2s.modeling import GPTSize, ModelSpec, TokenizedBatch, init_gpt2, load_model, token_logprobs
+from w2s.world import build_tokenizer
 
 GARBAGE = 100.0  # values at masked positions: must not count
 
@@ -40,10 +44,6 @@ def test_wspo_loss_equals_its_target_form_and_rejects_bad_gamma():
 def test_training_on_a_fixed_target_amplifies_the_weak_log_ratio_by_one_over_gamma():
     """A real (tiny) GPT-2 trained on the WSPO loss alone: its per-token log-ratio to its frozen
     initial self goes to (1/gamma) x the fixed weak log-ratio."""
-    from w2s.modeling import GPTSize, TokenizedBatch, init_gpt2, load_model, ModelSpec, token_logprobs
-    from w2s.world import build_tokenizer
-    import tempfile
-
     gamma = 0.2
     with tempfile.TemporaryDirectory() as tmp:
         init_gpt2(GPTSize(n_layer=1, n_embd=32, n_head=2), build_tokenizer(), tmp, seed=0)
