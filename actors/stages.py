@@ -3,6 +3,8 @@
 - `score_preferences`: a preference file -> validated pairs -> per-token log-probs of chosen and
   rejected under every host, as Parquet; malformed rows are set aside (Parquet too) and counted.
 - `generate_responses`: prompts -> one response per host, as Parquet.
+- `score_by_host`: rows that each name their host (e.g. a MACPO agent's own pairs) -> per-token
+  log-probs of the given response columns under that row's host.
 
 Every host is called on a batch at once, so models on different GPUs work in parallel.
 """
@@ -48,6 +50,30 @@ class _ScoreWithHosts:
             logps = ray.get(future)
             for i, side in enumerate(self.responses):
                 batch = batch.append_column(f"{role}_{side}_logps", pa.array(logps[i * n:(i + 1) * n], pa.list_(pa.float32())))
+        return batch
+
+
+class _ScoreWithRowHost:
+    def __init__(self, hosts: dict, host_column: str, responses: tuple[str, ...], prefix: str):
+        self.hosts, self.host_column, self.responses, self.prefix = hosts, host_column, responses, prefix
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        roles = batch.column(self.host_column).to_pylist()
+        prompts = batch.column("prompt").to_pylist()
+        columns = {side: batch.column(side).to_pylist() for side in self.responses}
+        futures = {}
+        for role in dict.fromkeys(roles):  # one call per host, all hosts at once
+            rows = [i for i, r in enumerate(roles) if r == role]
+            texts = [columns[side][i] for side in self.responses for i in rows]
+            futures[role] = (rows, self.hosts[role].logprobs.remote([prompts[i] for i in rows] * len(self.responses), texts))
+        out = {side: [None] * len(roles) for side in self.responses}
+        for role, (rows, future) in futures.items():
+            logps = ray.get(future)
+            for k, side in enumerate(self.responses):
+                for j, i in enumerate(rows):
+                    out[side][i] = logps[k * len(rows) + j]
+        for side in self.responses:
+            batch = batch.append_column(f"{self.prefix}{side}_logps", pa.array(out[side], pa.list_(pa.float32())))
         return batch
 
 
@@ -118,6 +144,21 @@ def generate_responses(prompts: pa.Table, hosts: dict, max_new_tokens: int, batc
     ds = (_dataset(indexed, batch_size)
           .map_batches(_GenerateWithHosts, fn_constructor_kwargs={"hosts": hosts, "generation": generation},
                        batch_size=batch_size, batch_format="pyarrow", concurrency=1, num_cpus=STAGE_CPUS))
+    return _to_table(ds).sort_by("_order").drop_columns(["_order"])
+
+
+def score_by_host(table: pa.Table, hosts: dict, host_column: str, responses: tuple[str, ...],
+                  prefix: str = "", batch_size: int = 64) -> pa.Table:
+    """Per-token log-probs of each row's `responses` columns under the host named in its
+    `host_column`, as `<prefix><response>_logps` columns; row order is kept."""
+    unknown = set(table.column(host_column).to_pylist()) - set(hosts)
+    if unknown:
+        raise ValueError(f"{host_column}: no host for {sorted(unknown)}; hosts are {sorted(hosts)}")
+    indexed = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
+    ds = _dataset(indexed, batch_size).map_batches(
+        _ScoreWithRowHost, fn_constructor_kwargs={"hosts": hosts, "host_column": host_column,
+                                                  "responses": tuple(responses), "prefix": prefix},
+        batch_size=batch_size, batch_format="pyarrow", concurrency=1, num_cpus=STAGE_CPUS)
     return _to_table(ds).sort_by("_order").drop_columns(["_order"])
 
 

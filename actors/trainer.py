@@ -86,6 +86,8 @@ def _rows(path: str, config: TrainConfig, reference: str = "ref") -> list[dict]:
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: mode {config.mode!r} needs columns {needed}; missing {missing}")
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no rows to train on")
     return table.select(needed).rename_columns([references.get(c, c) for c in needed]).to_pylist()
 
 
@@ -99,7 +101,8 @@ def _batches(rows: list[dict], config: TrainConfig, rank: int, world: int):
         order = list(range(len(rows)))
         random.Random(config.seed * 1000 + epoch).shuffle(order)
         start = within * per_step + rank * config.batch_size
-        yield step, total, [rows[i] for i in order[start:start + config.batch_size]]
+        # wraps around only when there are fewer rows than one step needs: every worker gets a full batch
+        yield step, total, [rows[order[(start + k) % len(order)]] for k in range(config.batch_size)]
 
 
 def _loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tuple:
@@ -224,6 +227,7 @@ def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
 
 def _train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
+    import ray
     import ray.train
     import torch
     from transformers import AutoModelForCausalLM
@@ -286,6 +290,8 @@ def _train_loop(loop_config: dict) -> None:
                 engine.save_checkpoint(os.path.join(tmp, "deepspeed"), client_state={"step": step})
                 ray.train.report({"step": step, **last}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    nodes = [None] * world  # where each worker ran (recorded in the summary)
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     # Final model: gathered from the ZeRO-3 shards into one safetensors checkpoint by rank 0.
     state = engine._zero3_consolidated_16bit_state_dict() if config.zero_stage == 3 else engine.module.state_dict()
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +304,7 @@ def _train_loop(loop_config: dict) -> None:
             tokenizer.save_pretrained(final_dir)
             with open(os.path.join(tmp, "train_summary.json"), "w") as f:
                 json.dump({"steps": total_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
-                           "world_size": world, "last": last}, f)
+                           "world_size": world, "worker_nodes": nodes, "last": last}, f)
         ray.train.report({"step": total_steps, "done": True, **last},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
     if writer:

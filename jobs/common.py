@@ -9,11 +9,14 @@ import sys
 from w2s.config import ConfigError, load_config
 
 
-def parse_args(description: str, default_config: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(description: str, default_config: str, resumable: bool = False) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set align.lr=1e-4 (repeatable)")
+    if resumable:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in runs/<run_name>, skipping its finished stages")
     return parser.parse_args()
 
 

@@ -68,9 +68,23 @@ def _stage(cache: Cache, name: str, key: str, build) -> Path:
     return path
 
 
+def pretrained_base(cache: Cache, world_key: str, data: Path, stage: PretrainStage, name: str,
+                    tensorboard_root: Path | None = None) -> Path:
+    """A GPT-2 of `stage.size` pretrained on the world corpus (cached by world and stage config)."""
+    key = content_hash("pretrain-v1", world_key, stage)
+
+    def build(path: Path) -> None:
+        init_gpt2(stage.size, build_tokenizer(), path / "init", stage.train.seed)
+        train(stage.train, path / "init", data / "corpus.parquet", path / "model", f"{name}-{key}",
+              cache.root / "ray_train", tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
+
+    return _stage(cache, name, key, build) / "model"
+
+
 @dataclass
 class Prepared:
     world: World
+    world_key: str
     data: Path  # corpus.parquet, pairs.jsonl (gold preference pairs), eval_prompts.parquet
     models: dict[str, Path]  # MODELS -> HF checkpoint folders
 
@@ -95,15 +109,8 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
 
     models: dict[str, Path] = {}
     for side in ("weak", "strong"):
-        stage: PretrainStage = getattr(config, side)
-        key = content_hash("pretrain-v1", world_key, stage)
-
-        def build_base(path: Path, stage=stage, side=side, key=key) -> None:
-            init_gpt2(stage.size, build_tokenizer(), path / "init", stage.train.seed)
-            train(stage.train, path / "init", data / "corpus.parquet", path / "model", f"{side}_base-{key}", storage,
-                  tensorboard_dir=run.path / "tensorboard" / f"{side}_base" if run else None)
-
-        models[f"{side}_base"] = _stage(cache, f"{side}_base", key, build_base) / "model"
+        models[f"{side}_base"] = pretrained_base(cache, world_key, data, getattr(config, side), f"{side}_base",
+                                                 run.path / "tensorboard" if run else None)
 
     pairs_key = content_hash("pairs-v1", world_key, str(models["weak_base"]), str(models["strong_base"]))
 
@@ -129,7 +136,7 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
 
     if run is not None:
         evaluate(config, world, data / "eval_prompts.parquet", models, run)
-    return Prepared(world, data, models)
+    return Prepared(world, world_key, data, models)
 
 
 def evaluate(config: PrepareConfig, world: World, prompts_path: Path, models: dict[str, Path], run: RunDir) -> dict:

@@ -1,0 +1,338 @@
+"""MACPO, multi-agent contrastive preference optimization (ALGORITHMS.md section 3), on Ray.
+
+Agents: N weak teachers and one strong student, each a positive agent plus a negative agent.
+
+    init     teacher t:  positive = weak base t + SFT on gold chosen (half A of the gold pairs)
+                         negative = weak base t + SFT on gold rejected (half A)
+             student:    positive = strong base + SFT on the teachers' positive generations (half B:
+                         weak labels; this is also the naive-SFT baseline)
+                         negative = student positive + SFT on the teachers' negative generations (half B)
+    round r  1. every agent generates on the round's prompts (one ModelGroup, Ray Data)
+             2. student pairs: chosen = the teacher positive the student finds most likely (mean
+                per-token log-prob), rejected = the student's negative agent's response
+             3. teacher pairs: chosen = the student's positive response, rejected = the teacher's
+                own negative agent's response
+             4. every positive agent: DPO + SFT term on its pairs (ZeRO-3 Ray Train workers), from
+                its previous round; its reference is itself at the start of the round (scored once)
+    end      gold reward of every agent after every round, naive SFT and the reference models
+
+Negative agents stay as initialised (the natural reading; the papers do not retrain them). Pairs
+whose chosen and rejected texts are equal teach nothing: they are set aside and counted.
+
+Every stage's output lives in `runs/<name>/stages/<stage>/` and counts once its `.complete` marker
+is written; `--resume` skips finished stages and a killed training stage continues from its last
+Ray Train checkpoint, so an interrupted run ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from pydantic import Field, model_validator
+
+from actors.model_host import ModelGroup
+from actors.stages import generate_responses, score_by_host
+from actors.trainer import TrainConfig, train
+from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate
+from pipelines.prepare import PrepareConfig, PretrainStage, prepare, pretrained_base
+from w2s.config import StrictModel, load_config
+from w2s.metrics import pgr
+from w2s.modeling import ModelSpec
+from w2s.runs import Cache, RunDir, markdown_table
+
+
+class TeacherSpec(StrictModel):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    pretrain: PretrainStage | None = Field(None, description="None: the prepared weak base; else a weak "
+                                           "model pretrained here (another size or seed)")
+
+
+class MACPOConfig(StrictModel):
+    run_name: str = "macpo"
+    runs_dir: str = "runs"
+    cache_dir: str = Field(".cache/w2s", description="content-hash cache of the prepared models")
+    prepare: str = Field("configs/prepare.yaml", description="the embedded world's prepare config")
+    teachers: list[TeacherSpec] = Field(min_length=1)
+    rounds: int = Field(3, ge=1)
+    round_prompts: int = Field(250, ge=1, description="prompts per round, taken in turn from half B of the pairs")
+    sft: TrainConfig = Field(description="initialisation of every agent (mode sft)")
+    dpo: TrainConfig = Field(description="each round's training of the positive agents (mode dpo)")
+    generation: GenerationConfig = GenerationConfig()
+    eval_generation: GenerationConfig = GenerationConfig()
+    score_batch_size: int = Field(64, ge=1)
+    placement: Literal["SPREAD", "PACK"] = Field("SPREAD", description="agents' model hosts across the nodes "
+                                                   "(SPREAD) or packed onto as few as possible")
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names) or "student" in names:
+            raise ValueError(f"teachers: names must be unique and not 'student', got {names}")
+        if self.sft.mode != "sft":
+            raise ValueError(f"sft.mode must be 'sft', got {self.sft.mode!r}")
+        if self.dpo.mode != "dpo":
+            raise ValueError(f"dpo.mode must be 'dpo', got {self.dpo.mode!r}")
+        return self
+
+
+class RunExistsError(RuntimeError):
+    """A run folder with finished stages, reused without --resume (or with another config)."""
+
+
+def _log(msg: str) -> None:
+    print(f"[macpo] {msg}", flush=True)
+
+
+class Stages:
+    """The finished stages of one run: `<run>/stages/<name>/`, complete once `.complete` is written."""
+
+    def __init__(self, run: RunDir, config: MACPOConfig, resume: bool):
+        self.root = (run.path / "stages").resolve()
+        self.storage = (run.path / "ray_train").resolve()  # Ray Train checkpoints, for a killed stage
+        saved = run.path / "config.yaml"
+        started = self.root.is_dir() and any(self.root.iterdir())
+        if started and not resume:
+            raise RunExistsError(f"{run.path} holds a started run: add --resume to continue it, or pick "
+                                 "another run_name")
+        if resume and saved.is_file() and yaml.safe_load(saved.read_text()) != config.model_dump(mode="json"):
+            raise RunExistsError(f"{saved} differs from this config: --resume continues a run with its own config")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, build) -> Path:
+        """The stage's folder, built by `build(folder)` unless already complete."""
+        path = self.root / name
+        if (path / ".complete").is_file():
+            _log(f"{name}: done before, skipped")
+            return path
+        _log(f"{name}: running")
+        start = time.perf_counter()
+        path.mkdir(parents=True, exist_ok=True)
+        build(path)
+        (path / ".complete").write_text("")
+        self.times[name] = round(time.perf_counter() - start, 1)
+        _log(f"{name}: done in {self.times[name]:.0f}s")
+        return path
+
+    def train(self, name: str, config: TrainConfig, init_model: Path, table: pa.Table) -> Path:
+        def build(path: Path) -> None:
+            pq.write_table(table, path / "data.parquet")
+            summary = train(config, init_model, path / "data.parquet", path / "model", name, self.storage)
+            (path / "train_summary.json").write_text(json.dumps(summary))
+
+        return self.run(name, build) / "model"
+
+    def placement(self) -> dict[str, list[str]]:
+        """Node ids each stage ran on: model hosts (placement.json) and training workers."""
+        out = {}
+        for path in sorted(self.root.iterdir()):
+            nodes = set()
+            if (path / "placement.json").is_file():
+                nodes |= {h["node_id"] for h in json.loads((path / "placement.json").read_text())}
+            if (path / "train_summary.json").is_file():
+                nodes |= set(json.loads((path / "train_summary.json").read_text()).get("worker_nodes", []))
+            out[path.name] = sorted(nodes)
+        return out
+
+
+def _sft_table(prompts: list[str], responses: list[str]) -> pa.Table:
+    return pa.table({"prompt": pa.array(prompts, pa.string()), "response": pa.array(responses, pa.string())})
+
+
+def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
+    start = time.perf_counter()
+    stages = Stages(run, config, resume)
+    run.save_config(config)
+    prepared = prepare(load_config(PrepareConfig, config.prepare, [f"cache_dir={config.cache_dir}"]))
+    run.link("data", prepared.data)
+    pairs = [json.loads(line) for line in (prepared.data / "pairs.jsonl").read_text().splitlines()]
+    half_a, half_b = pairs[0::2], pairs[1::2]  # teachers learn from gold on A; the student sees only B
+    teachers = [t.name for t in config.teachers]
+
+    # -- initialisation
+    agents: dict[str, Path] = {}
+    for teacher in config.teachers:
+        base = (prepared.models["weak_base"] if teacher.pretrain is None else
+                pretrained_base(Cache(config.cache_dir), prepared.world_key, prepared.data, teacher.pretrain,
+                                f"teacher_base_{teacher.name}"))
+        prompts = [p["prompt"] for p in half_a]
+        agents[teacher.name] = stages.train(f"init_{teacher.name}", config.sft, base,
+                                            _sft_table(prompts, [p["chosen"] for p in half_a]))
+        agents[f"{teacher.name}_negative"] = stages.train(f"init_{teacher.name}_negative", config.sft, base,
+                                                          _sft_table(prompts, [p["rejected"] for p in half_a]))
+
+    prompts_b = pa.table({"prompt": [p["prompt"] for p in half_b]})
+
+    def build_weak_labels(path: Path) -> None:
+        hosts = {name: agents[name] for t in teachers for name in (t, f"{t}_negative")}
+        with ModelGroup(_specs(hosts), strategy=config.placement) as group:
+            (path / "placement.json").write_text(json.dumps(group.where()))
+            table = generate_responses(prompts_b, group.hosts, **_generation(config.generation))
+        pq.write_table(table, path / "generations.parquet")
+
+    labels = pq.read_table(stages.run("weak_labels", build_weak_labels) / "generations.parquet").to_pylist()
+    label_prompts = [row["prompt"] for row in labels for _ in teachers]
+    agents["student"] = stages.train("init_student", config.sft, prepared.models["strong_base"], _sft_table(
+        label_prompts, [row[f"{t}_response"] for row in labels for t in teachers]))
+    agents["student_negative"] = stages.train("init_student_negative", config.sft, agents["student"], _sft_table(
+        label_prompts, [row[f"{t}_negative_response"] for row in labels for t in teachers]))
+    history = [dict(agents)]  # the agents after each round; round 0 = initialisation
+
+    # -- rounds
+    set_aside: dict[str, int] = {}
+    for r in range(1, config.rounds + 1):
+        offset = (r - 1) * config.round_prompts
+        chosen_rows = [half_b[(offset + i) % len(half_b)] for i in range(min(config.round_prompts, len(half_b)))]
+        round_prompts = pa.table({"prompt": [p["prompt"] for p in chosen_rows]})
+        pairs_dir = stages.run(f"round{r}_pairs", lambda path, r=r, round_prompts=round_prompts: _round_pairs(
+            config, agents, teachers, round_prompts, path))
+        round_pairs = pq.read_table(pairs_dir / "pairs.parquet")
+        run.write_examples(f"macpo_round{r}_pairs", round_pairs)
+        set_aside[str(r)] = pq.read_metadata(pairs_dir / "set_aside.parquet").num_rows
+        for agent in ["student", *teachers]:
+            mine = round_pairs.filter(pc.equal(round_pairs["agent"], agent))
+            if mine.num_rows == 0:  # every pair of this agent was set aside: nothing to learn this round
+                _log(f"round{r}_{agent}: no usable pairs, the agent stays as it was")
+                continue
+            agents[agent] = stages.train(f"round{r}_{agent}", config.dpo, agents[agent], mine)
+        history.append(dict(agents))
+
+    metrics = _evaluate(config, prepared, history, teachers, set_aside, run)
+    run.update_metrics({"wall_seconds": {"macpo": round(time.perf_counter() - start, 1)},
+                        "methods": {"macpo": {"stage_seconds": stages.times, "stage_nodes": stages.placement()}}})
+    return metrics
+
+
+def _specs(models: dict[str, Path]) -> dict[str, ModelSpec]:
+    return {name: ModelSpec(path=str(path)) for name, path in models.items()}
+
+
+def _generation(g: GenerationConfig) -> dict:
+    return dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, do_sample=g.do_sample,
+                temperature=g.temperature, top_k=g.top_k, seed=g.seed)
+
+
+def contrastive_pairs(generations: list[dict], candidates: list[dict], teachers: list[str]) -> tuple[list, list]:
+    """The round's DPO pairs, both ways, and the pairs set aside (chosen equals rejected).
+
+    generations: one row per prompt with `<agent>_response` for every agent.
+    candidates: one row per (prompt index `i`, `teacher`) with the teacher's positive `response`
+    and the student's per-token log-probs of it, `student_response_logps`.
+    Student: chosen = the candidate with the highest mean per-token log-prob (the lowest student
+    perplexity), rejected = the student's negative agent's response. Teacher t: chosen = the
+    student's positive response, rejected = t's negative agent's response.
+    """
+    best: dict[int, dict] = {}
+    for c in candidates:
+        mean = sum(c["student_response_logps"]) / max(1, len(c["student_response_logps"]))
+        if c["i"] not in best or mean > best[c["i"]]["mean"]:
+            best[c["i"]] = {**c, "mean": mean}
+    rows = []
+    for i, row in enumerate(generations):
+        rows.append({"agent": "student", "prompt": row["prompt"], "chosen": best[i]["response"],
+                     "rejected": row["student_negative_response"], "chosen_from": best[i]["teacher"]})
+        rows.extend({"agent": t, "prompt": row["prompt"], "chosen": row["student_response"],
+                     "rejected": row[f"{t}_negative_response"], "chosen_from": "student"} for t in teachers)
+    usable = [r for r in rows if r["chosen"] != r["rejected"]]
+    aside = [{**r, "reason": "chosen equals rejected"} for r in rows if r["chosen"] == r["rejected"]]
+    return usable, aside
+
+
+def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[str], prompts: pa.Table,
+                 path: Path) -> None:
+    """Generate with every agent, build the contrastive pairs both ways, score their references."""
+    with ModelGroup(_specs(agents), strategy=config.placement) as group:
+        (path / "placement.json").write_text(json.dumps(group.where()))
+        gen = generate_responses(prompts, group.hosts, **_generation(config.generation)).to_pylist()
+        # the student's likelihood of each teacher's positive response picks its chosen one
+        candidates = pa.Table.from_pylist([{"prompt": row["prompt"], "response": row[f"{t}_response"],
+                                            "host": "student", "teacher": t, "i": i}
+                                           for i, row in enumerate(gen) for t in teachers])
+        scored = score_by_host(candidates, group.hosts, "host", ("response",), "student_",
+                               config.score_batch_size).to_pylist()
+        usable, aside = contrastive_pairs(gen, scored, teachers)
+        table = pa.Table.from_pylist(usable)
+        # DPO reference = each positive agent as it starts the round, scored once here
+        table = score_by_host(table, group.hosts, "agent", ("chosen", "rejected"), "ref_", config.score_batch_size)
+    pq.write_table(pa.Table.from_pylist(gen), path / "generations.parquet")
+    pq.write_table(table, path / "pairs.parquet")
+    pq.write_table(pa.Table.from_pylist(aside, schema=pa.schema(
+        [(k, pa.string()) for k in ("agent", "prompt", "chosen", "rejected", "chosen_from", "reason")])),
+        path / "set_aside.parquet")
+    _log(f"{path.name}: {table.num_rows} pairs, {len(aside)} set aside (chosen equals rejected)")
+
+
+def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list[str], set_aside: dict,
+              run: RunDir) -> dict:
+    references = ("weak_aligned", "strong_ceiling", "strong_base")
+    models = {name: prepared.models[name] for name in references}
+    models["naive_sft"] = history[0]["student"]
+    for r, agents in enumerate(history):
+        for agent in ["student", *teachers]:
+            models[f"{agent}_r{r}"] = agents[agent]
+    scores, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", models,
+                                        config.eval_generation, config.sft.max_length)
+    run.write_examples("eval_generations", generations)
+    for name, path in models.items():
+        run.link(f"checkpoints/{name}", path)
+    weak, ceiling = scores["weak_aligned"]["total"], scores["strong_ceiling"]["total"]
+
+    def with_pgr(s: dict) -> dict:
+        return {**s, "pgr": pgr(s["total"], weak, ceiling)}
+
+    rounds = [{"round": r, "student": with_pgr(scores[f"student_r{r}"]),
+               "teachers": [{"name": t, **scores[f"{t}_r{r}"]} for t in teachers]} for r in range(len(history))]
+    section = {"rounds": rounds, "teachers": teachers, "set_aside_pairs": set_aside}
+    metrics = run.update_metrics({"models": {n: scores[n] for n in references},
+                                  "methods": {"macpo": section, "naive_sft": with_pgr(scores["naive_sft"])}})
+
+    _plot_rounds(rounds, scores, run.path / "plots" / "macpo_rounds.png")
+    table = [{"round": row["round"], "agent": "student", **row["student"]} for row in rounds]
+    table += [{"round": row["round"], "agent": t["name"], **{k: t[k] for k in ("helpful", "harmless", "total")},
+               "pgr": None} for row in rounds for t in row["teachers"]]
+    refs = [{"model": n, **scores[n], "pgr": with_pgr(scores[n])["pgr"] if n == "naive_sft" else None}
+            for n in (*references, "naive_sft")]
+    run.write_report("MACPO on the embedded world", [
+        f"{len(teachers)} weak teachers ({', '.join(teachers)}) and the strong student, {config.rounds} rounds of "
+        f"{config.round_prompts} prompts. Round 0 is the initialisation (the student then equals naive SFT on "
+        "the teachers' outputs). Gold reward on held-out prompts; PGR on total against weak aligned and strong "
+        "ceiling.",
+        markdown_table(refs),
+        "Every round:\n\n" + markdown_table(table),
+        "![rounds](plots/macpo_rounds.png)",
+        "Pairs set aside per round (chosen equals rejected): " + ", ".join(f"round {r}: {n}" for r, n in set_aside.items()),
+        "Example generations:\n\n" + examples_table(generations, ["naive_sft", f"student_r{len(history) - 1}",
+                                                                  "strong_ceiling"]),
+    ])
+    return metrics
+
+
+def _plot_rounds(rounds: list[dict], scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [row["round"] for row in rounds]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(xs, [row["student"]["total"] for row in rounds], "o-", linewidth=2, label="student")
+    for i, teacher in enumerate(rounds[0]["teachers"]):
+        ax.plot(xs, [row["teachers"][i]["total"] for row in rounds], "s--", label=f"teacher {teacher['name']}")
+    for name, color in (("naive_sft", "tab:orange"), ("strong_ceiling", "tab:green"), ("weak_aligned", "tab:gray")):
+        ax.axhline(scores[name]["total"], color=color, linestyle=":", label=name)
+    ax.set_xticks(xs)
+    ax.set_xlabel("round (0 = initialisation)")
+    ax.set_ylabel("gold reward (total)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

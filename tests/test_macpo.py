@@ -1,0 +1,73 @@
+"""MACPO: the contrastive pairs of a round, the config, and the resumable stages (no Ray needed)."""
+
+import pytest
+import yaml
+
+from pipelines.macpo import MACPOConfig, RunExistsError, Stages, contrastive_pairs
+from w2s.runs import RunDir
+
+ROOT_CONFIG = "configs/tiny_macpo.yaml"
+
+
+def _config(**overrides) -> MACPOConfig:
+    data = yaml.safe_load(open(ROOT_CONFIG))
+    data.update(overrides)
+    return MACPOConfig(**data)
+
+
+def test_pairs_both_ways_with_selection_by_mean_student_log_prob():
+    generations = [
+        {"prompt": "p0", "student_response": " s0", "student_negative_response": " sn0",
+         "ta_response": " a0", "ta_negative_response": " an0", "tb_response": " b0", "tb_negative_response": " s0"},
+        {"prompt": "p1", "student_response": " s1", "student_negative_response": " b1",
+         "ta_response": " a1", "ta_negative_response": " an1", "tb_response": " b1", "tb_negative_response": " bn1"},
+    ]
+    candidates = [
+        # prompt 0: ta has the higher sum (-3 > -4) but tb the higher mean (-1 > -1.5): the mean decides
+        {"i": 0, "teacher": "ta", "response": " a0", "student_response_logps": [-1.5, -1.5]},
+        {"i": 0, "teacher": "tb", "response": " b0", "student_response_logps": [-1.0, -1.0, -1.0, -1.0]},
+        {"i": 1, "teacher": "ta", "response": " a1", "student_response_logps": [-2.0]},
+        {"i": 1, "teacher": "tb", "response": " b1", "student_response_logps": [-0.5]},
+    ]
+    usable, aside = contrastive_pairs(generations, candidates, ["ta", "tb"])
+    by = {(r["agent"], r["prompt"]): r for r in usable}
+    assert by[("student", "p0")] == {"agent": "student", "prompt": "p0", "chosen": " b0", "rejected": " sn0",
+                                     "chosen_from": "tb"}
+    # teachers learn the student's positive against their own negative
+    assert by[("ta", "p0")]["chosen"] == " s0" and by[("ta", "p0")]["rejected"] == " an0"
+    assert by[("tb", "p1")]["chosen"] == " s1" and by[("tb", "p1")]["rejected"] == " bn1"
+    # equal chosen and rejected teach nothing: set aside with the reason, not dropped
+    assert {(r["agent"], r["prompt"]) for r in aside} == {("tb", "p0"), ("student", "p1")}
+    assert all(r["reason"] == "chosen equals rejected" for r in aside)
+    assert len(usable) + len(aside) == 2 * 3
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="names must be unique"):
+        _config(teachers=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match="not 'student'"):
+        _config(teachers=[{"name": "student"}])
+    with pytest.raises(ValueError, match="dpo.mode must be 'dpo'"):
+        _config(dpo={"mode": "sft"})
+    with pytest.raises(ValueError, match="at least 1 item"):
+        _config(teachers=[])
+
+
+def test_stages_skip_finished_work_and_guard_the_run(tmp_path):
+    config = _config(runs_dir=str(tmp_path))
+    run = RunDir(tmp_path, config.run_name)
+    stages = Stages(run, config, resume=False)
+    run.save_config(config)
+    built = []
+    stages.run("one", lambda path: built.append(path.name))
+    with pytest.raises(ZeroDivisionError):  # a stage killed half-way leaves no marker...
+        stages.run("two", lambda path: 1 / 0)
+
+    with pytest.raises(RunExistsError, match="add --resume"):
+        Stages(run, config, resume=False)
+    with pytest.raises(RunExistsError, match="differs from this config"):
+        Stages(run, config.model_copy(update={"rounds": 5}), resume=True)
+    resumed = Stages(run, config, resume=True)
+    resumed.run("one", lambda path: built.append("again"))  # finished: skipped
+    resumed.run("two", lambda path: built.append(path.name))  # ...so it runs again on resume
+    assert built == ["one", "two"]
