@@ -71,11 +71,12 @@ def test_killed_run_resumes_from_last_checkpoint(checkpoints, tmp_path):
            str(tmp_path / "out"), str(storage)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.pop("RAY_ADDRESS", None)
-    first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as log:
+        first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list(storage.glob("resume-test/checkpoint_*")):
-        assert first.poll() is None, "training ended before its first checkpoint"
+        assert first.poll() is None, "training ended before its first checkpoint:\n" + first_log.read_text()[-4000:]
         time.sleep(1)
     assert list(storage.glob("resume-test/checkpoint_*")), "no checkpoint within 300s"
     time.sleep(2)
