@@ -153,7 +153,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
     prepared = prepare(load_config(PrepareConfig, config.prepare, [f"cache_dir={config.cache_dir}"]))
     run.link("data", prepared.data)
     pairs = [json.loads(line) for line in (prepared.data / "pairs.jsonl").read_text().splitlines()]
-    half_a, half_b = pairs[0::2], pairs[1::2]  # teachers learn from gold on A; the student sees only B
+    half_a, half_b = split_halves(pairs)  # teachers learn from gold on A; the student sees only B
     teachers = [t.name for t in config.teachers]
 
     # -- initialisation
@@ -217,6 +217,19 @@ def _specs(models: dict[str, Path]) -> dict[str, ModelSpec]:
 def _generation(g: GenerationConfig) -> dict:
     return dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, do_sample=g.do_sample,
                 temperature=g.temperature, top_k=g.top_k, seed=g.seed)
+
+
+def split_halves(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Two halves with the same share of every prompt `kind`: rows of each kind go to A and B in turn.
+    (The world lists its pairs helpful, harmful, helpful, ...: a plain even/odd split would give one
+    half only helpful prompts and the other only harmful ones.)"""
+    seen: dict = {}
+    halves: tuple[list, list] = ([], [])
+    for row in rows:
+        kind = row.get("kind")
+        halves[seen.get(kind, 0) % 2].append(row)
+        seen[kind] = seen.get(kind, 0) + 1
+    return halves
 
 
 def contrastive_pairs(generations: list[dict], candidates: list[dict], teachers: list[str]) -> tuple[list, list]:

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from pipelines.macpo import MACPOConfig, RunExistsError, Stages, contrastive_pairs
+from pipelines.macpo import MACPOConfig, RunExistsError, Stages, contrastive_pairs, split_halves
 from w2s.runs import RunDir
 
 ROOT_CONFIG = "configs/tiny_macpo.yaml"
@@ -40,6 +40,18 @@ def test_pairs_both_ways_with_selection_by_mean_student_log_prob():
     assert {(r["agent"], r["prompt"]) for r in aside} == {("tb", "p0"), ("student", "p1")}
     assert all(r["reason"] == "chosen equals rejected" for r in aside)
     assert len(usable) + len(aside) == 2 * 3
+
+
+def test_halves_keep_the_share_of_every_prompt_kind():
+    from w2s.world import World, WorldConfig
+
+    pairs = World(WorldConfig(n_entities=8, n_pair_prompts=64)).preference_pairs()
+    half_a, half_b = split_halves(pairs)
+    assert sorted(map(id, half_a + half_b)) == sorted(map(id, pairs))  # a partition: nothing lost
+    for kind in ("helpful", "harmful"):
+        total = sum(p["kind"] == kind for p in pairs)
+        assert total > 0
+        assert abs(sum(p["kind"] == kind for p in half_a) - sum(p["kind"] == kind for p in half_b)) <= 1
 
 
 def test_config_errors_name_the_field():
