@@ -172,6 +172,14 @@ def bench_training(model_path: Path, corpus: Path, work: Path, workers: int) -> 
             "wall_seconds": wall, "tokens_per_s": tokens / summary["seconds"]}
 
 
+def write_results(results: dict, path: str | Path) -> None:
+    """The benchmark's numbers as JSON (its folder is created)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     prepare = yaml.safe_load((ROOT / "configs" / "prepare.yaml").read_text())
     strong = prepare["strong"]["size"]
@@ -274,10 +282,7 @@ def main() -> None:
         "training": {f"workers_{t['workers']}": t for t in training},
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from benchmarks.run import MAX_LENGTH
+from benchmarks.run import MAX_LENGTH, write_results
 
 if TYPE_CHECKING:
     from actors.trainer import TrainConfig
@@ -294,10 +294,7 @@ def main() -> None:
         "ratios": ratios,
         "marginal_epoch": marginal,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":
