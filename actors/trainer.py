@@ -332,13 +332,15 @@ def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str
 
 
 def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path,
-          name: str, storage_dir: str | Path, tensorboard_dir: str | Path | None = None, reference: str = "ref") -> dict:
+          name: str, storage_dir: str | Path, tensorboard_dir: str | Path | None = None, reference: str = "ref",
+          cpus_per_worker: float = 1.0) -> dict:
     """Train `init_model` on `data` and write the resulting HF checkpoint to `output_dir`.
 
     `storage_dir`/`name` is where Ray Train keeps checkpoints: calling again with the same pair
     resumes from the last checkpoint. `reference` names the scored log-prob columns of the frozen
     reference: `<reference>_chosen_logps` and `<reference>_rejected_logps` for DPO, `<reference>_logps`
-    for WSPO. Returns the train summary (steps, tokens, seconds).
+    for WSPO. `cpus_per_worker` is what each worker reserves on a CPU cluster: below 1, several small
+    stages can train at once. Returns the train summary (steps, tokens, seconds).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -358,7 +360,7 @@ def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_
                            "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage_dir).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.max_failures)),

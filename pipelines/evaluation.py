@@ -78,3 +78,30 @@ def plot_scores(scores: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_lines(xs: list, series: dict[str, tuple[list[float], str]], references: dict[str, tuple[float, str]],
+               xlabel: str, path: Path, log_x: bool = False) -> None:
+    """Gold reward against `xs`: one line per series `{label: (ys, matplotlib style)}`, and a dotted
+    horizontal line per reference model `{label: (score, colour)}`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, (ys, style) in series.items():
+        ax.plot(xs, ys, style, label=label)
+    for label, (score, color) in references.items():
+        ax.axhline(score, color=color, linestyle=":", label=label)
+    if log_x:
+        ax.set_xscale("log")
+        ax.minorticks_off()  # only the given xs are labelled
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("gold reward")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +41,7 @@ from pydantic import Field, model_validator
 from actors.model_host import ModelGroup
 from actors.stages import generate_responses, score_by_host
 from actors.trainer import TrainConfig, train
-from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate
+from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_lines
 from pipelines.prepare import PrepareConfig, PretrainStage, prepare, pretrained_base
 from w2s.config import StrictModel, load_config
 from w2s.metrics import pgr
@@ -63,10 +64,14 @@ class MACPOConfig(StrictModel):
     rounds: int = Field(3, ge=1)
     round_prompts: int = Field(250, ge=1, description="prompts per round, taken in turn from half B of the pairs")
     sft: TrainConfig = Field(description="initialisation of every agent (mode sft)")
+    student_sft: TrainConfig | None = Field(None, description="the student's initialisation, when it should "
+                                            "differ from the teachers' (None: `sft`)")
     dpo: TrainConfig = Field(description="each round's training of the positive agents (mode dpo)")
     generation: GenerationConfig = GenerationConfig()
     eval_generation: GenerationConfig = GenerationConfig()
     score_batch_size: int = Field(64, ge=1)
+    worker_cpus: float = Field(1.0, gt=0, description="CPUs each training worker reserves (CPU clusters); "
+                               "below 1, a round's agents train side by side on a small machine")
     placement: Literal["SPREAD", "PACK"] = Field("SPREAD", description="agents' model hosts across the nodes "
                                                    "(SPREAD) or packed onto as few as possible")
 
@@ -75,8 +80,9 @@ class MACPOConfig(StrictModel):
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names) or "student" in names:
             raise ValueError(f"teachers: names must be unique and not 'student', got {names}")
-        if self.sft.mode != "sft":
-            raise ValueError(f"sft.mode must be 'sft', got {self.sft.mode!r}")
+        for name in ("sft", "student_sft"):
+            if getattr(self, name) is not None and getattr(self, name).mode != "sft":
+                raise ValueError(f"{name}.mode must be 'sft', got {getattr(self, name).mode!r}")
         if self.dpo.mode != "dpo":
             raise ValueError(f"dpo.mode must be 'dpo', got {self.dpo.mode!r}")
         return self
@@ -94,45 +100,64 @@ class Stages:
     """The finished stages of one run: `<run>/stages/<name>/`, complete once `.complete` is written."""
 
     def __init__(self, run: RunDir, config: MACPOConfig, resume: bool):
-        self.root = (run.path / "stages").resolve()
+        self.cache = Cache(run.path / "stages")  # stage folders by name: one run has one of each
         self.storage = (run.path / "ray_train").resolve()  # Ray Train checkpoints, for a killed stage
         saved = run.path / "config.yaml"
-        started = self.root.is_dir() and any(self.root.iterdir())
+        started = self.cache.root.is_dir() and any(self.cache.root.iterdir())
         if started and not resume:
             raise RunExistsError(f"{run.path} holds a started run: add --resume to continue it, or pick "
                                  "another run_name")
         if resume and saved.is_file() and yaml.safe_load(saved.read_text()) != config.model_dump(mode="json"):
             raise RunExistsError(f"{saved} differs from this config: --resume continues a run with its own config")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.cache.root.mkdir(parents=True, exist_ok=True)
         self.times: dict[str, float] = {}
+        self.worker_cpus = config.worker_cpus
 
     def run(self, name: str, build) -> Path:
         """The stage's folder, built by `build(folder)` unless already complete."""
-        path = self.root / name
-        if (path / ".complete").is_file():
-            _log(f"{name}: done before, skipped")
-            return path
-        _log(f"{name}: running")
-        start = time.perf_counter()
-        path.mkdir(parents=True, exist_ok=True)
-        build(path)
-        (path / ".complete").write_text("")
-        self.times[name] = round(time.perf_counter() - start, 1)
-        _log(f"{name}: done in {self.times[name]:.0f}s")
+        done_before, start = self.cache.ready(name, ""), time.perf_counter()
+        path = self.cache.build(name, "", build, _log)
+        if not done_before:
+            self.times[name] = round(time.perf_counter() - start, 1)
         return path
 
-    def train(self, name: str, config: TrainConfig, init_model: Path, table: pa.Table) -> Path:
-        def build(path: Path) -> None:
-            pq.write_table(table, path / "data.parquet")
-            summary = train(config, init_model, path / "data.parquet", path / "model", name, self.storage)
-            (path / "train_summary.json").write_text(json.dumps(summary))
+    def train(self, jobs: dict[str, tuple[TrainConfig, Path, pa.Table]]) -> dict[str, Path]:
+        """Train independent stages `{name: (config, init model, data)}` at once; their trained models.
 
-        return self.run(name, build) / "model"
+        Each stage is its own Ray Train run, started from its own thread, as many at once as the
+        cluster holds (a run left waiting for resources would hit Ray Train's worker-group startup
+        timeout). A stage that fails does not stop the others; its error is raised once all have
+        ended, so finished ones are kept.
+        """
+        def one(name: str) -> Path:
+            config, init_model, table = jobs[name]
+
+            def build(path: Path) -> None:
+                pq.write_table(table, path / "data.parquet")
+                summary = train(config, init_model, path / "data.parquet", path / "model", name, self.storage,
+                                cpus_per_worker=self.worker_cpus)
+                (path / "train_summary.json").write_text(json.dumps(summary))
+
+            return self.run(name, build) / "model"
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), self._fits_at_once(jobs)))) as pool:
+            futures = {name: pool.submit(one, name) for name in jobs}
+        return {name: future.result() for name, future in futures.items()}
+
+    def _fits_at_once(self, jobs: dict) -> int:
+        """How many of these training stages the cluster can run side by side."""
+        import ray
+
+        resources = ray.cluster_resources()
+        workers = max(config.num_workers for config, _, _ in jobs.values()) if jobs else 1
+        if resources.get("GPU", 0) > 0 and all(config.use_gpu is not False for config, _, _ in jobs.values()):
+            return int(resources["GPU"] // workers)
+        return int(resources.get("CPU", 0) // (workers * self.worker_cpus))
 
     def placement(self) -> dict[str, list[str]]:
         """Node ids each stage ran on: model hosts (placement.json) and training workers."""
         out = {}
-        for path in sorted(self.root.iterdir()):
+        for path in sorted(self.cache.root.iterdir()):
             nodes = set()
             if (path / "placement.json").is_file():
                 nodes |= {h["node_id"] for h in json.loads((path / "placement.json").read_text())}
@@ -158,15 +183,17 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
 
     # -- initialisation
     agents: dict[str, Path] = {}
+    prompts = [p["prompt"] for p in half_a]
+    init_jobs = {}
     for teacher in config.teachers:
         base = (prepared.models["weak_base"] if teacher.pretrain is None else
                 pretrained_base(Cache(config.cache_dir), prepared.world_key, prepared.data, teacher.pretrain,
                                 f"teacher_base_{teacher.name}"))
-        prompts = [p["prompt"] for p in half_a]
-        agents[teacher.name] = stages.train(f"init_{teacher.name}", config.sft, base,
-                                            _sft_table(prompts, [p["chosen"] for p in half_a]))
-        agents[f"{teacher.name}_negative"] = stages.train(f"init_{teacher.name}_negative", config.sft, base,
-                                                          _sft_table(prompts, [p["rejected"] for p in half_a]))
+        init_jobs[f"init_{teacher.name}"] = (config.sft, base, _sft_table(prompts, [p["chosen"] for p in half_a]))
+        init_jobs[f"init_{teacher.name}_negative"] = (config.sft, base,
+                                                       _sft_table(prompts, [p["rejected"] for p in half_a]))
+    for name, model in stages.train(init_jobs).items():
+        agents[name.removeprefix("init_")] = model
 
     prompts_b = pa.table({"prompt": [p["prompt"] for p in half_b]})
 
@@ -179,10 +206,12 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
 
     labels = pq.read_table(stages.run("weak_labels", build_weak_labels) / "generations.parquet").to_pylist()
     label_prompts = [row["prompt"] for row in labels for _ in teachers]
-    agents["student"] = stages.train("init_student", config.sft, prepared.models["strong_base"], _sft_table(
-        label_prompts, [row[f"{t}_response"] for row in labels for t in teachers]))
-    agents["student_negative"] = stages.train("init_student_negative", config.sft, agents["student"], _sft_table(
-        label_prompts, [row[f"{t}_negative_response"] for row in labels for t in teachers]))
+    student_sft = config.student_sft or config.sft
+    agents["student"] = stages.train({"init_student": (student_sft, prepared.models["strong_base"], _sft_table(
+        label_prompts, [row[f"{t}_response"] for row in labels for t in teachers]))})["init_student"]
+    # the negative agent starts from the student (it must first know the task), so it trains after it
+    agents["student_negative"] = stages.train({"init_student_negative": (student_sft, agents["student"], _sft_table(
+        label_prompts, [row[f"{t}_negative_response"] for row in labels for t in teachers]))})["init_student_negative"]
     history = [dict(agents)]  # the agents after each round; round 0 = initialisation
 
     # -- rounds
@@ -196,12 +225,15 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
         round_pairs = pq.read_table(pairs_dir / "pairs.parquet")
         run.write_examples(f"macpo_round{r}_pairs", round_pairs)
         set_aside[str(r)] = pq.read_metadata(pairs_dir / "set_aside.parquet").num_rows
+        round_jobs = {}
         for agent in ["student", *teachers]:
             mine = round_pairs.filter(pc.equal(round_pairs["agent"], agent))
             if mine.num_rows == 0:  # every pair of this agent was set aside: nothing to learn this round
                 _log(f"round{r}_{agent}: no usable pairs, the agent stays as it was")
                 continue
-            agents[agent] = stages.train(f"round{r}_{agent}", config.dpo, agents[agent], mine)
+            round_jobs[f"round{r}_{agent}"] = (config.dpo, agents[agent], mine)
+        for name, model in stages.train(round_jobs).items():  # the agents of a round are independent
+            agents[name.removeprefix(f"round{r}_")] = model
         history.append(dict(agents))
 
     metrics = _evaluate(config, prepared, history, teachers, set_aside, run)
@@ -328,24 +360,10 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
 
 
 def _plot_rounds(rounds: list[dict], scores: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [row["round"] for row in rounds]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    ax.plot(xs, [row["student"]["total"] for row in rounds], "o-", linewidth=2, label="student")
+    series = {"student": ([row["student"]["total"] for row in rounds], "o-")}
     for i, teacher in enumerate(rounds[0]["teachers"]):
-        ax.plot(xs, [row["teachers"][i]["total"] for row in rounds], "s--", label=f"teacher {teacher['name']}")
-    for name, color in (("naive_sft", "tab:orange"), ("strong_ceiling", "tab:green"), ("weak_aligned", "tab:gray")):
-        ax.axhline(scores[name]["total"], color=color, linestyle=":", label=name)
-    ax.set_xticks(xs)
-    ax.set_xlabel("round (0 = initialisation)")
-    ax.set_ylabel("gold reward (total)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+        series[f"teacher {teacher['name']}"] = ([row["teachers"][i]["total"] for row in rounds], "s--")
+    plot_lines([row["round"] for row in rounds], series,
+               {name: (scores[name]["total"], color) for name, color in
+                (("naive_sft", "tab:brown"), ("strong_ceiling", "black"), ("weak_aligned", "tab:gray"))},
+               "round (0 = initialisation)", path)

@@ -12,7 +12,6 @@ method job) reuses them. `prepare()` returns the world, its data folder and the 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,21 +52,6 @@ def _log(msg: str) -> None:
     print(f"[prepare] {msg}", flush=True)
 
 
-def _stage(cache: Cache, name: str, key: str, build) -> Path:
-    """Return the cached folder for (name, key), building it with `build(path)` when missing."""
-    path = cache.path(name, key)
-    if cache.ready(name, key):
-        _log(f"{name}: cached ({path})")
-        return path
-    _log(f"{name}: building ({path})")
-    start = time.perf_counter()
-    path.mkdir(parents=True, exist_ok=True)
-    build(path)
-    cache.mark_ready(name, key)
-    _log(f"{name}: done in {time.perf_counter() - start:.0f}s")
-    return path
-
-
 def pretrained_base(cache: Cache, world_key: str, data: Path, stage: PretrainStage, name: str,
                     tensorboard_root: Path | None = None) -> Path:
     """A GPT-2 of `stage.size` pretrained on the world corpus (cached by world and stage config)."""
@@ -78,7 +62,7 @@ def pretrained_base(cache: Cache, world_key: str, data: Path, stage: PretrainSta
         train(stage.train, path / "init", data / "corpus.parquet", path / "model", f"{name}-{key}",
               cache.root / "ray_train", tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
 
-    return _stage(cache, name, key, build) / "model"
+    return cache.build(name, key, build, _log) / "model"
 
 
 @dataclass
@@ -103,7 +87,7 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
                 f.write(json.dumps(row) + "\n")
         pq.write_table(pa.Table.from_pylist([p.__dict__ for p in world.eval_prompts()]), path / "eval_prompts.parquet")
 
-    data = _stage(cache, "world", world_key, build_data)
+    data = cache.build("world", world_key, build_data, _log)
     if run is not None:
         run.link("data", data)  # corpus, gold pairs and held-out prompts of this world
 
@@ -122,7 +106,7 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
                                        max_length=config.align.max_length, batch_size=config.score_batch_size)
         _log(f"scored {result.n_scored} gold pairs; {result.report}")
 
-    scored = _stage(cache, "scored_pairs", pairs_key, build_scored) / "scored.parquet"
+    scored = cache.build("scored_pairs", pairs_key, build_scored, _log) / "scored.parquet"
 
     for side, out_name in (("weak", "weak_aligned"), ("strong", "strong_ceiling")):
         base = f"{side}_base"
@@ -132,7 +116,7 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
             train(config.align, models[base], scored, path / "model", f"{out_name}-{key}", storage,
                   tensorboard_dir=run.path / "tensorboard" / out_name if run else None, reference=base)
 
-        models[out_name] = _stage(cache, out_name, key, build_aligned) / "model"
+        models[out_name] = cache.build(out_name, key, build_aligned, _log) / "model"
 
     if run is not None:
         evaluate(config, world, data / "eval_prompts.parquet", models, run)

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from actors.model_host import ModelGroup
 from actors.stages import score_preferences
 from actors.trainer import TrainConfig, train
-from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
+from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_lines, plot_scores
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.score import check_same_tokenizer
 from w2s.config import StrictModel, load_config
@@ -125,20 +125,18 @@ def run_wspo(config: WSPOConfig, run: RunDir) -> dict:
     sides = ("chosen", "rejected") if config.responses == "both" else (config.responses,)
     scores_key = content_hash("wspo-scores-v1", {r: s.path for r, s in hosts.items()}, _data_fingerprint(data),
                               config.train.max_length, sides)
-    scores_dir = cache.path("wspo_scores", scores_key)
-    if cache.ready("wspo_scores", scores_key):
-        _log(f"scores: cached ({scores_dir})")
-    else:
+
+    def build_scores(scores_dir: Path) -> None:
         _log(f"scoring {'+'.join(sides)} responses of {data} under {', '.join(hosts)} (Ray Data)")
-        t0 = time.perf_counter()
         with ModelGroup(hosts) as group:
             result = score_preferences(data, group.hosts, scores_dir, tokenizer_path=models["strong"].path,
                                        max_length=config.train.max_length, batch_size=config.score_batch_size,
                                        responses=sides)
-        _log(f"scored {result.n_scored} rows in {time.perf_counter() - t0:.0f}s; {result.report}")
+        _log(f"scored {result.n_scored} rows; {result.report}")
         pq.write_table(training_table(pq.read_table(result.scored_path), config.responses),
                        scores_dir / "train.parquet")
-        cache.mark_ready("wspo_scores", scores_key)
+
+    scores_dir = cache.build("wspo_scores", scores_key, build_scores, _log)
     train_data = scores_dir / "train.parquet"
     rejected = pq.read_table(scores_dir / "rejected_rows.parquet")
     run.write_examples("wspo_rejected_rows", rejected)
@@ -149,16 +147,13 @@ def run_wspo(config: WSPOConfig, run: RunDir) -> dict:
     for gamma in config.gammas():
         stage = config.train.model_copy(update={"gamma": gamma})
         key = content_hash("wspo-v2", scores_key, models["strong"].path, stage)
-        path = cache.path("wspo", key)
-        if not cache.ready("wspo", key):
-            _log(f"gamma {gamma}: training ({path})")
-            path.mkdir(parents=True, exist_ok=True)
+
+        def build_model(path: Path, stage=stage, key=key, gamma=gamma) -> None:
             summary = train(stage, models["strong"].path, train_data, path / "model", f"wspo-{key}", storage,
                             tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}", reference="strong_ref")
             (path / "train_summary.json").write_text(json.dumps(summary))
-            cache.mark_ready("wspo", key)
-        else:
-            _log(f"gamma {gamma}: cached ({path})")
+
+        path = cache.build("wspo", key, build_model, lambda msg, gamma=gamma: _log(f"gamma {gamma}, {msg}"))
         trained[gamma] = path / "model"
         summaries[gamma] = json.loads((path / "train_summary.json").read_text())
         run.link(f"checkpoints/wspo_gamma_{gamma}", path / "model")
@@ -222,24 +217,10 @@ def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summarie
 
 
 def _plot_sweep(sweep: list[dict], scores: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gammas = [row["gamma"] for row in sweep]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for key, style in (("total", "o-"), ("helpful", "s--"), ("harmless", "^--")):
-        ax.plot(gammas, [row[key] for row in sweep], style, label=f"WSPO {key}")
-    for name, color in (("weak_aligned", "tab:gray"), ("strong_ceiling", "tab:green"), ("strong_base", "tab:red")):
-        ax.axhline(scores[name]["total"], color=color, linestyle=":", label=f"{name} total")
-    ax.set_xscale("log")
-    ax.minorticks_off()  # only the swept gammas are labelled
-    ax.set_xticks(gammas, [str(g) for g in gammas])
-    ax.set_xlabel("gamma")
-    ax.set_ylabel("gold reward")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_lines([row["gamma"] for row in sweep],
+               {f"WSPO {key}": ([row[key] for row in sweep], style)
+                for key, style in (("total", "o-"), ("helpful", "s--"), ("harmless", "^--"))},
+               {f"{name} total": (scores[name]["total"], color)
+                for name, color in (("weak_aligned", "tab:gray"), ("strong_ceiling", "black"),
+                                    ("strong_base", "tab:red"))},
+               "gamma", path, log_x=True)

@@ -17,6 +17,12 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A content-hash cache shared by the method jobs' tests: the tiny world is prepared once for all."""
+    return tmp_path_factory.mktemp("tiny_cache")
+
+
+@pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Two tiny GPT-2 checkpoints of different seeds sharing the world tokenizer."""
     from w2s.modeling import GPTSize, init_gpt2

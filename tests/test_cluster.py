@@ -216,7 +216,7 @@ def _wait_for_http(url, timeout):
             time.sleep(1)
 
 
-def test_job_submit_with_token_auth(token_head, tmp_path):
+def test_job_submit_with_token_auth(token_head, tiny_cache, tmp_path):
     url, env, no_auth_env, token = token_head
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -240,7 +240,7 @@ def test_job_submit_with_token_auth(token_head, tmp_path):
     assert "succeeded" in out and EXPECTED in out, out
 
     # A method job of the project, as a user submits it: WSPO on the tiny world (prepare included).
-    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    runs, cache = tmp_path / "runs", tiny_cache
     wspo = _run([RAY, "job", "submit", f"--address={url}", f"--working-dir={ROOT}", "--", "python", "-m", "jobs.wspo",
                  "--config", "configs/tiny_wspo.yaml", "--set", f"runs_dir={runs}", "--set", f"cache_dir={cache}"],
                 env, 900)

@@ -59,6 +59,8 @@ def test_config_errors_name_the_field():
         _config(teachers=[{"name": "a"}, {"name": "a"}])
     with pytest.raises(ValueError, match="not 'student'"):
         _config(teachers=[{"name": "student"}])
+    with pytest.raises(ValueError, match="student_sft.mode must be 'sft'"):
+        _config(student_sft={"mode": "dpo"})
     with pytest.raises(ValueError, match="dpo.mode must be 'dpo'"):
         _config(dpo={"mode": "sft"})
     with pytest.raises(ValueError, match="at least 1 item"):

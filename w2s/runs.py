@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,13 +28,28 @@ def content_hash(*parts) -> str:
 
 
 class Cache:
-    """Folders keyed by content hash; a folder counts only once its `.complete` marker is written."""
+    """Folders keyed by content hash; a folder counts only once its `.complete` marker is written,
+    so a stage killed half-way is built again, never half-used."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()  # handed to Ray workers, whose working directory differs
 
     def path(self, stage: str, key: str) -> Path:
-        return self.root / f"{stage}-{key}"
+        return self.root / (f"{stage}-{key}" if key else stage)
+
+    def build(self, stage: str, key: str, build: Callable[[Path], None], log: Callable[[str], None] = print) -> Path:
+        """The folder of (stage, key), made by `build(folder)` first unless it is complete."""
+        path = self.path(stage, key)
+        if self.ready(stage, key):
+            log(f"{stage}: cached ({path})")
+            return path
+        log(f"{stage}: building ({path})")
+        start = time.perf_counter()
+        path.mkdir(parents=True, exist_ok=True)
+        build(path)
+        self.mark_ready(stage, key)
+        log(f"{stage}: done in {time.perf_counter() - start:.0f}s")
+        return path
 
     def ready(self, stage: str, key: str) -> bool:
         return (self.path(stage, key) / ".complete").is_file()
