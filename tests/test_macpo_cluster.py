@@ -24,8 +24,9 @@ JOB = [sys.executable, str(ROOT / "tests/scripts/two_node_job.py"), "jobs.macpo"
 
 def _command(root: Path, cache: Path, name: str, *extra: str) -> list[str]:
     # One round, and a student SFT long enough (12 steps, a checkpoint after each) to be killed half-way.
+    student_sft = "{mode: sft, lr: 1.0e-3, epochs: 3, batch_size: 8, num_workers: 2, checkpoint_every: 1}"
     return [*JOB, "--set", f"run_name={name}", "--set", f"runs_dir={root / 'runs'}", "--set", f"cache_dir={cache}",
-            "--set", "rounds=1", "--set", "sft.epochs=3", "--set", "sft.checkpoint_every=1", *extra]
+            "--set", "rounds=1", "--set", f"student_sft={student_sft}", *extra]
 
 
 def _env() -> dict:
