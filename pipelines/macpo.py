@@ -110,16 +110,11 @@ class Stages:
         if resume and saved.is_file() and yaml.safe_load(saved.read_text()) != config.model_dump(mode="json"):
             raise RunExistsError(f"{saved} differs from this config: --resume continues a run with its own config")
         self.cache.root.mkdir(parents=True, exist_ok=True)
-        self.times: dict[str, float] = {}
         self.worker_cpus = config.worker_cpus
 
     def run(self, name: str, build) -> Path:
         """The stage's folder, built by `build(folder)` unless already complete."""
-        done_before, start = self.cache.ready(name, ""), time.perf_counter()
-        path = self.cache.build(name, "", build, _log)
-        if not done_before:
-            self.times[name] = round(time.perf_counter() - start, 1)
-        return path
+        return self.cache.build(name, "", build, _log)
 
     def train(self, jobs: dict[str, tuple[TrainConfig, Path, pa.Table]]) -> dict[str, Path]:
         """Train independent stages `{name: (config, init model, data)}` at once; their trained models.
@@ -238,7 +233,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
 
     metrics = _evaluate(config, prepared, history, teachers, set_aside, run)
     run.update_metrics({"wall_seconds": {"macpo": round(time.perf_counter() - start, 1)},
-                        "methods": {"macpo": {"stage_seconds": stages.times, "stage_nodes": stages.placement()}}})
+                        "methods": {"macpo": {"stage_seconds": stages.cache.seconds, "stage_nodes": stages.placement()}}})
     return metrics
 
 

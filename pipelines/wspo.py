@@ -148,12 +148,12 @@ def run_wspo(config: WSPOConfig, run: RunDir) -> dict:
         stage = config.train.model_copy(update={"gamma": gamma})
         key = content_hash("wspo-v2", scores_key, models["strong"].path, stage)
 
-        def build_model(path: Path, stage=stage, key=key, gamma=gamma) -> None:
+        def build_model(path: Path) -> None:  # called right away by cache.build, inside this iteration
             summary = train(stage, models["strong"].path, train_data, path / "model", f"wspo-{key}", storage,
                             tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}", reference="strong_ref")
             (path / "train_summary.json").write_text(json.dumps(summary))
 
-        path = cache.build("wspo", key, build_model, lambda msg, gamma=gamma: _log(f"gamma {gamma}, {msg}"))
+        path = cache.build("wspo", key, build_model, lambda msg: _log(f"gamma {gamma}, {msg}"))
         trained[gamma] = path / "model"
         summaries[gamma] = json.loads((path / "train_summary.json").read_text())
         run.link(f"checkpoints/wspo_gamma_{gamma}", path / "model")

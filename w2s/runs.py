@@ -33,6 +33,7 @@ class Cache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()  # handed to Ray workers, whose working directory differs
+        self.seconds: dict[str, float] = {}  # how long each stage built by this object took
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / (f"{stage}-{key}" if key else stage)
@@ -48,7 +49,8 @@ class Cache:
         path.mkdir(parents=True, exist_ok=True)
         build(path)
         self.mark_ready(stage, key)
-        log(f"{stage}: done in {time.perf_counter() - start:.0f}s")
+        self.seconds[stage] = round(time.perf_counter() - start, 1)
+        log(f"{stage}: done in {self.seconds[stage]:.0f}s")
         return path
 
     def ready(self, stage: str, key: str) -> bool:
