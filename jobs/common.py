@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 from w2s.config import ConfigError, load_config
+from w2s.metrics import over_seeds
+from w2s.runs import RunDir, markdown_table
 
 
 def parse_args(description: str, default_config: str, resumable: bool = False) -> argparse.Namespace:
@@ -27,16 +32,93 @@ def load(cls, args: argparse.Namespace):
         sys.exit(f"error: {err}")
 
 
+# Same config, same numbers across CPUs: MKL and PyTorch pick their CPU kernels by instruction set
+# (AVX-512 where the CPU has it), and each rounds differently. Pinned to the AVX2 code paths, an
+# AVX-512 machine computes what an AVX2 one does; measured here (AVX2 CPU): no slower. Set either
+# variable yourself to choose otherwise. GPUs are unaffected.
+CPU_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+for _name, _value in CPU_KERNELS.items():
+    os.environ.setdefault(_name, _value)  # on import, before any job imports torch
+
+
 def connect_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it; `RAY_ADDRESS=auto` joins a
-    local `ray start`), or start a fresh local instance with its dashboard off.
+    local `ray start`), or start a fresh local instance with its dashboard off. Every worker of the
+    job gets the pinned CPU kernels (CPU_KERNELS).
     """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # progress lines are printed once, not twice
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": {name: os.environ[name] for name in CPU_KERNELS}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+
+
+Tables = list[tuple[str, list[dict]]]  # (heading, rows) of a job's result tables
+
+
+def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Callable[[dict], Tables],
+              sections: Callable[[dict, dict, dict, Path], list[str]] | None = None) -> dict:
+    """Run a job once per seed of `config.seeds`, print its tables, and return the metrics.
+
+    One seed: the run folder is runs/<run_name>/, as for any run. Several: seed s runs in
+    runs/<run_name>/seed_<s>/ with every `seed` field of its config shifted by s (w2s.config.offset_seeds),
+    and runs/<run_name>/ gets metrics.json with each seed's metrics under `seeds` and every number's
+    mean, std, median, min and max under `over_seeds`, and a report with the tables as mean ± std
+    and the job's own `sections(per_seed, mean, std, plots_folder)` (plots with error bars...).
+    """
+    start = time.perf_counter()
+    connect_ray()
+    if config.seeds == [0]:
+        run = RunDir(config.runs_dir, config.run_name)
+        metrics = run_one(config, run, 0)
+    else:
+        run = RunDir(config.runs_dir, config.run_name)
+        run.save_config(config)
+        per_seed = {}
+        for seed in config.seeds:
+            print(f"\n===== seed {seed} ({config.seeds.index(seed) + 1} of {len(config.seeds)}) =====", flush=True)
+            per_seed[str(seed)] = run_one(config, RunDir(run.path, f"seed_{seed}"), seed)
+        metrics = {"seeds": per_seed, "over_seeds": over_seeds(list(per_seed.values()))}
+        run.write_metrics(metrics)
+        mean, std = (_pick(metrics["over_seeds"], stat) for stat in ("mean", "std"))
+        report = [f"{len(config.seeds)} seeds ({', '.join(map(str, config.seeds))}; every `seed` of the config "
+                  "shifted by each: another world, other initialisations and data orders). Each cell is the mean "
+                  "± the standard deviation over seeds; each seed's own run is in `seed_<s>/`."]
+        report += [f"{heading}\n\n{markdown_table(_mean_pm_std(rows, stds))}"
+                   for (heading, rows), (_, stds) in zip(tables(mean), tables(std))]
+        report += sections(per_seed, mean, std, run.path / "plots") if sections else []
+        run.write_report(f"{config.run_name}: {len(config.seeds)} seeds", report)
+        metrics = {**metrics, "mean": mean, "std": std}
+    print()
+    for heading, rows in tables(metrics.get("mean", metrics)):
+        stds = tables(metrics["std"]) if "std" in metrics else None
+        print(f"{heading}\n")
+        print(markdown_table(_mean_pm_std(rows, dict(stds)[heading]) if stds else rows) + "\n")
+    print(f"run folder: {run.path}  (report.md, metrics.json)  wall time {time.perf_counter() - start:.0f}s")
+    return metrics
+
+
+def _pick(tree, stat: str):
+    """`over_seeds` output with each number's summary replaced by one statistic of it."""
+    if isinstance(tree, dict) and "n" in tree and "mean" in tree:
+        return tree[stat]
+    if isinstance(tree, dict):
+        return {k: _pick(v, stat) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_pick(v, stat) for v in tree]
+    return tree
+
+
+def _mean_pm_std(rows: list[dict], stds: list[dict]) -> list[dict]:
+    def cell(mean, std):
+        if not (isinstance(mean, float) and isinstance(std, float)):
+            return mean
+        if std == 0 and mean.is_integer():  # a count or a round number, the same in every seed
+            return int(mean)
+        return f"{mean:.3f} ± {std:.3f}"
+    return [{k: cell(v, s.get(k)) for k, v in row.items()} for row, s in zip(rows, stds)]

@@ -59,8 +59,9 @@ def examples_table(generations: pa.Table, models: list[str], n: int = 6) -> str:
                             **{m: one_line(r[f"{m}_response"]) for m in models}} for r in rows])
 
 
-def plot_scores(scores: dict, path: Path) -> None:
-    """Grouped bars: helpful, harmless and total gold reward of each model."""
+def plot_scores(scores: dict, path: Path, errors: dict | None = None) -> None:
+    """Grouped bars: helpful, harmless and total gold reward of each model (with `errors`, the same
+    shape of standard deviations over seeds, as error bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +71,8 @@ def plot_scores(scores: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(names)), 3.5))
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
-        ax.bar([x + i * width for x in range(len(names))], [scores[n][key] for n in names], width, label=key)
+        ax.bar([x + i * width for x in range(len(names))], [scores[n][key] for n in names], width, label=key,
+               yerr=[errors[n][key] for n in names] if errors else None, capsize=2)
     ax.set_xticks([x + width for x in range(len(names))], names, fontsize=8)
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("gold reward")
@@ -80,18 +82,18 @@ def plot_scores(scores: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_lines(xs: list, series: dict[str, tuple[list[float], str]], references: dict[str, tuple[float, str]],
+def plot_lines(xs: list, series: dict[str, tuple], references: dict[str, tuple[float, str]],
                xlabel: str, path: Path, log_x: bool = False) -> None:
-    """Gold reward against `xs`: one line per series `{label: (ys, matplotlib style)}`, and a dotted
-    horizontal line per reference model `{label: (score, colour)}`."""
+    """Gold reward against `xs`: one line per series `{label: (ys, matplotlib style[, standard deviations])}`
+    (error bars when given), and a dotted horizontal line per reference model `{label: (score, colour)}`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for label, (ys, style) in series.items():
-        ax.plot(xs, ys, style, label=label)
+    for label, (ys, style, *errors) in series.items():
+        ax.errorbar(xs, ys, yerr=errors[0] if errors else None, fmt=style, label=label, capsize=3)
     for label, (score, color) in references.items():
         ax.axhline(score, color=color, linestyle=":", label=label)
     if log_x:

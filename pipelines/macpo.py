@@ -42,9 +42,9 @@ from actors.model_host import ModelGroup
 from actors.stages import generate_responses, score_by_host
 from actors.trainer import TrainConfig, train
 from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_lines
-from pipelines.prepare import PrepareConfig, PretrainStage, prepare, pretrained_base
-from w2s.config import StrictModel, load_config
-from w2s.metrics import pgr
+from pipelines.prepare import PretrainStage, load_prepare, prepare, pretrained_base
+from w2s.config import StrictModel, offset_seeds
+from w2s.metrics import gold_scores, knowledge_overlap, pgr
 from w2s.modeling import ModelSpec
 from w2s.runs import Cache, RunDir, markdown_table
 
@@ -74,6 +74,8 @@ class MACPOConfig(StrictModel):
                                "below 1, a round's agents train side by side on a small machine")
     placement: Literal["SPREAD", "PACK"] = Field("SPREAD", description="agents' model hosts across the nodes "
                                                    "(SPREAD) or packed onto as few as possible")
+    seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds): each shifts every "
+                             "`seed` of this config and of the prepare config")
 
     @model_validator(mode="after")
     def _check(self):
@@ -166,11 +168,13 @@ def _sft_table(prompts: list[str], responses: list[str]) -> pa.Table:
     return pa.table({"prompt": pa.array(prompts, pa.string()), "response": pa.array(responses, pa.string())})
 
 
-def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
+def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False, seed: int = 0) -> dict:
+    """One MACPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too)."""
     start = time.perf_counter()
+    config = offset_seeds(config, seed)
     stages = Stages(run, config, resume)
     run.save_config(config)
-    prepared = prepare(load_config(PrepareConfig, config.prepare, [f"cache_dir={config.cache_dir}"]))
+    prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed))
     run.link("data", prepared.data)
     pairs = [json.loads(line) for line in (prepared.data / "pairs.jsonl").read_text().splitlines()]
     half_a, half_b = split_halves(pairs)  # teachers learn from gold on A; the student sees only B
@@ -182,7 +186,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
     init_jobs = {}
     for teacher in config.teachers:
         base = (prepared.models["weak_base"] if teacher.pretrain is None else
-                pretrained_base(Cache(config.cache_dir), prepared.world_key, prepared.data, teacher.pretrain,
+                pretrained_base(Cache(config.cache_dir), prepared.world, prepared.world_key, prepared.data, teacher.pretrain,
                                 f"teacher_base_{teacher.name}"))
         init_jobs[f"init_{teacher.name}"] = (config.sft, base, _sft_table(prompts, [p["chosen"] for p in half_a]))
         init_jobs[f"init_{teacher.name}_negative"] = (config.sft, base,
@@ -211,6 +215,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
 
     # -- rounds
     set_aside: dict[str, int] = {}
+    pair_gold: dict[str, dict] = {}  # what each round's pairs teach, by the gold reward
     for r in range(1, config.rounds + 1):
         offset = (r - 1) * config.round_prompts
         chosen_rows = [half_b[(offset + i) % len(half_b)] for i in range(min(config.round_prompts, len(half_b)))]
@@ -220,6 +225,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
         round_pairs = pq.read_table(pairs_dir / "pairs.parquet")
         run.write_examples(f"macpo_round{r}_pairs", round_pairs)
         set_aside[str(r)] = pq.read_metadata(pairs_dir / "set_aside.parquet").num_rows
+        pair_gold[str(r)] = pairs_gold_reward(prepared.world, round_pairs)
         round_jobs = {}
         for agent in ["student", *teachers]:
             mine = round_pairs.filter(pc.equal(round_pairs["agent"], agent))
@@ -231,7 +237,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False) -> dict:
             agents[name.removeprefix(f"round{r}_")] = model
         history.append(dict(agents))
 
-    metrics = _evaluate(config, prepared, history, teachers, set_aside, run)
+    metrics = _evaluate(config, prepared, history, teachers, set_aside, pair_gold, run)
     run.update_metrics({"wall_seconds": {"macpo": round(time.perf_counter() - start, 1)},
                         "methods": {"macpo": {"stage_seconds": stages.cache.seconds, "stage_nodes": stages.placement()}}})
     return metrics
@@ -285,6 +291,22 @@ def contrastive_pairs(generations: list[dict], candidates: list[dict], teachers:
     return usable, aside
 
 
+def pairs_gold_reward(world, pairs: pa.Table) -> dict[str, dict]:
+    """Gold reward of the chosen and of the rejected responses of every agent's pairs:
+    `{agent: {"pairs": n, "chosen": {helpful, harmless, total}, "rejected": {...}}}`. A pair teaches
+    the right thing only where its chosen response scores above its rejected one."""
+    by_agent: dict[str, list[dict]] = {}
+    for row in pairs.select(["agent", "prompt", "chosen", "rejected"]).to_pylist():
+        by_agent.setdefault(row["agent"], []).append(row)
+    out = {}
+    for agent, rows in by_agent.items():
+        prompts = [world.parse_prompt(row["prompt"]) for row in rows]
+        out[agent] = {"pairs": len(rows), **{side: gold_scores([
+            {"kind": p.kind, "gold_reward": world.gold_reward(p, row[side])} for p, row in zip(prompts, rows)])
+            for side in ("chosen", "rejected")}}
+    return out
+
+
 def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[str], prompts: pa.Table,
                  path: Path) -> None:
     """Generate with every agent, build the contrastive pairs both ways, score their references."""
@@ -310,7 +332,7 @@ def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[st
 
 
 def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list[str], set_aside: dict,
-              run: RunDir) -> dict:
+              pair_gold: dict, run: RunDir) -> dict:
     references = ("weak_aligned", "strong_ceiling", "strong_base")
     models = {name: prepared.models[name] for name in references}
     models["naive_sft"] = history[0]["student"]
@@ -329,11 +351,14 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
 
     rounds = [{"round": r, "student": with_pgr(scores[f"student_r{r}"]),
                "teachers": [{"name": t, **scores[f"{t}_r{r}"]} for t in teachers]} for r in range(len(history))]
-    section = {"rounds": rounds, "teachers": teachers, "set_aside_pairs": set_aside}
+    knowledge = teacher_knowledge(generations, teachers)
+    section = {"rounds": rounds, "teachers": teachers, "set_aside_pairs": set_aside, "pairs_gold_reward": pair_gold,
+               "knowledge": knowledge}
     metrics = run.update_metrics({"models": {n: scores[n] for n in references},
                                   "methods": {"macpo": section, "naive_sft": with_pgr(scores["naive_sft"])}})
 
-    _plot_rounds(rounds, scores, run.path / "plots" / "macpo_rounds.png")
+    plot_rounds(rounds, scores, run.path / "plots" / "macpo_rounds.png")
+    plot_pairs_gold(pair_gold, run.path / "plots" / "macpo_pairs_gold.png")
     table = [{"round": row["round"], "agent": "student", **row["student"]} for row in rounds]
     table += [{"round": row["round"], "agent": t["name"], **{k: t[k] for k in ("helpful", "harmless", "total")},
                "pgr": None} for row in rounds for t in row["teachers"]]
@@ -347,6 +372,14 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
         markdown_table(refs),
         "Every round:\n\n" + markdown_table(table),
         "![rounds](plots/macpo_rounds.png)",
+        "What the teachers know: the share of the held-out facts each teacher answers right after its "
+        "initialisation, that at least one does (`any`) and that all do (`all`); the strong base for scale:\n\n"
+        + markdown_table([knowledge]),
+        "What each round's pairs teach: gold reward of the chosen and of the rejected responses of every agent's "
+        "pairs (the student's chosen are teacher answers picked by its likelihood; a teacher's chosen are the "
+        "student's answers). A pair moves its agent toward the gold reward only where chosen beats rejected.\n\n"
+        + markdown_table(pairs_gold_rows(pair_gold)) + "\n\n" + pairs_reading(pair_gold, teachers),
+        "![pairs](plots/macpo_pairs_gold.png)",
         "Pairs set aside per round (chosen equals rejected): " + ", ".join(f"round {r}: {n}" for r, n in set_aside.items()),
         "Example generations:\n\n" + examples_table(generations, ["naive_sft", f"student_r{len(history) - 1}",
                                                                   "strong_ceiling"]),
@@ -354,10 +387,53 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
     return metrics
 
 
-def _plot_rounds(rounds: list[dict], scores: dict, path: Path) -> None:
-    series = {"student": ([row["student"]["total"] for row in rounds], "o-")}
+def teacher_knowledge(generations: pa.Table, teachers: list[str]) -> dict[str, float]:
+    """knowledge_overlap of the initialised teachers on the distinct held-out fact prompts, and the strong base's share."""
+    facts = {row["prompt"]: row for row in generations.to_pylist() if row["kind"] == "helpful"}
+    known = {name: {p: row[f"{name}_gold"] == 1.0 for p, row in facts.items()}
+             for name in [f"{t}_r0" for t in teachers] + ["strong_base"]}
+    strong = known.pop("strong_base")
+    return {"facts": len(facts), **knowledge_overlap(known), "strong_base": sum(strong.values()) / len(facts)}
+
+
+def pairs_reading(pair_gold: dict, teachers: list[str]) -> str:
+    """What the pair figures say about the student's gain, one line per round (helpful prompts)."""
+    lines = []
+    for r, agents in sorted(pair_gold.items(), key=lambda item: int(item[0])):
+        picked, own = agents["student"]["chosen"]["helpful"], agents[teachers[0]]["chosen"]["helpful"]
+        verdict = ("above its own answers: the pairs can teach it facts" if picked > own else
+                   "not above its own answers: the pairs cannot make it more helpful")
+        lines.append(f"- round {r}: the teacher answers the student picked are right on {picked:.0%} of helpful "
+                     f"prompts, its own answers on {own:.0%}: {verdict}; its rejected (negative agent) "
+                     f"answers are right on {agents['student']['rejected']['helpful']:.0%}.")
+    return "\n".join(lines)
+
+
+def pairs_gold_rows(pair_gold: dict) -> list[dict]:
+    return [{"round": int(r), "agent": agent, "pairs": g["pairs"],
+             **{f"{side} {k}": g[side][k] for side in ("chosen", "rejected") for k in ("helpful", "harmless")}}
+            for r, agents in pair_gold.items() for agent, g in agents.items()]
+
+
+def plot_pairs_gold(pair_gold: dict, path: Path, std: dict | None = None) -> None:
+    """Helpful gold reward of every agent's chosen and rejected responses, per round."""
+    rounds = sorted(pair_gold, key=int)
+    series = {}
+    for agent in pair_gold[rounds[0]]:
+        for side, style in (("chosen", "o-"), ("rejected", "x:")):
+            series[f"{agent} {side}"] = ([pair_gold[r][agent][side]["helpful"] for r in rounds], style,
+                                         [std[r][agent][side]["helpful"] for r in rounds] if std else None)
+    plot_lines([int(r) for r in rounds], series, {}, "round (helpful gold reward of the pairs' responses)", path)
+
+
+def plot_rounds(rounds: list[dict], scores: dict, path: Path, std: dict | None = None) -> None:
+    """Gold reward (total) of the student and every teacher per round (with `std`, the rounds' and
+    references' standard deviations over seeds, as error bars)."""
+    series = {"student": ([row["student"]["total"] for row in rounds], "o-",
+                          [row["student"]["total"] for row in std["rounds"]] if std else None)}
     for i, teacher in enumerate(rounds[0]["teachers"]):
-        series[f"teacher {teacher['name']}"] = ([row["teachers"][i]["total"] for row in rounds], "s--")
+        series[f"teacher {teacher['name']}"] = ([row["teachers"][i]["total"] for row in rounds], "s--",
+                                                [row["teachers"][i]["total"] for row in std["rounds"]] if std else None)
     plot_lines([row["round"] for row in rounds], series,
                {name: (scores[name]["total"], color) for name, color in
                 (("naive_sft", "tab:brown"), ("strong_ceiling", "black"), ("weak_aligned", "tab:gray"))},

@@ -27,9 +27,9 @@ from actors.model_host import ModelGroup
 from actors.stages import score_preferences
 from actors.trainer import TrainConfig, train
 from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_lines, plot_scores
-from pipelines.prepare import PrepareConfig, prepare
+from pipelines.prepare import load_prepare, prepare
 from pipelines.score import check_same_tokenizer
-from w2s.config import StrictModel, load_config
+from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import pgr
 from w2s.modeling import ModelSpec
 from w2s.runs import Cache, RunDir, content_hash, markdown_table
@@ -56,6 +56,8 @@ class WSPOConfig(StrictModel):
     gamma_sweep: list[float] = Field([0.05, 0.1, 0.2, 0.5], description="more gammas to train and compare")
     score_batch_size: int = Field(64, ge=1)
     generation: GenerationConfig = GenerationConfig()
+    seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds): each shifts every "
+                             "`seed` of this config and of the prepare config")
 
     @model_validator(mode="after")
     def _check(self):
@@ -99,12 +101,15 @@ def _data_fingerprint(path: str) -> list:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def run_wspo(config: WSPOConfig, run: RunDir) -> dict:
+def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0) -> dict:
+    """One WSPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too)."""
     start = time.perf_counter()
+    config = offset_seeds(config, seed)
+    run.save_config(config)
     prepared = None
     if config.prepare is not None:
         _log(f"embedded world from {config.prepare} (cached models are reused)")
-        prepared = prepare(load_config(PrepareConfig, config.prepare, [f"cache_dir={config.cache_dir}"]))
+        prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed))
         max_length = config.train.max_length
         models = {"weak_aligned": ModelSpec(path=str(prepared.models["weak_aligned"]), max_length=max_length),
                   "weak_base": ModelSpec(path=str(prepared.models["weak_base"]), max_length=max_length),
@@ -197,7 +202,7 @@ def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summarie
     metrics = run.update_metrics({"models": {n: scores[n] for n in REFERENCES}, "methods": {"wspo": section}})
 
     plot_scores({n: scores[n] for n in (*REFERENCES, _name(config.train.gamma))}, run.path / "plots" / "gold_reward.png")
-    _plot_sweep(sweep, scores, run.path / "plots" / "wspo_gamma_sweep.png")
+    plot_sweep(sweep, scores, run.path / "plots" / "wspo_gamma_sweep.png")
     table = [{"model": n, **scores[n], "pgr": None} for n in REFERENCES]
     table.append({"model": f"WSPO (gamma {config.train.gamma})", **{k: main[k] for k in ("helpful", "harmless", "total", "pgr")}})
     run.write_report("WSPO on the embedded world", [
@@ -216,9 +221,10 @@ def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summarie
     return metrics
 
 
-def _plot_sweep(sweep: list[dict], scores: dict, path: Path) -> None:
+def plot_sweep(sweep: list[dict], scores: dict, path: Path, sweep_std: list[dict] | None = None) -> None:
+    """Gold reward of WSPO against gamma (with `sweep_std`: standard deviations over seeds as error bars)."""
     plot_lines([row["gamma"] for row in sweep],
-               {f"WSPO {key}": ([row[key] for row in sweep], style)
+               {f"WSPO {key}": ([row[key] for row in sweep], style, [row[key] for row in sweep_std] if sweep_std else None)
                 for key, style in (("total", "o-"), ("helpful", "s--"), ("harmless", "^--"))},
                {f"{name} total": (scores[name]["total"], color)
                 for name, color in (("weak_aligned", "tab:gray"), ("strong_ceiling", "black"),

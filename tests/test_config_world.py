@@ -77,3 +77,83 @@ def test_tokenizer_roundtrip(tmp_path):
     ids = loaded(text)["input_ids"]
     assert ids == tokenizer(text)["input_ids"] and len(ids) == len(text)
     assert loaded.decode(ids + [loaded.eos_token_id], skip_special_tokens=True) == text
+
+
+def _fact_docs_per_entity(world: World, view: int) -> dict[str, int]:
+    counts = dict.fromkeys(world.names, 0)
+    for doc in world.corpus(view):
+        if not doc.startswith("q: how to "):
+            counts[doc.split(" ")[1]] += 1
+    return counts
+
+
+def test_corpus_frequency_follows_popularity():
+    world = World(WorldConfig(n_entities=20, n_pretrain_docs=20_000, zipf_exponent=1.0))
+    counts = _fact_docs_per_entity(world, 0)
+    ranked = world.popularity(0)
+    # Zipf with s = 1: the top entity is written about about 20x as often as the 20th
+    assert 12 < counts[ranked[0]] / counts[ranked[-1]] < 30
+    head, tail = ranked[:5], ranked[-5:]
+    assert min(counts[e] for e in head) > max(counts[e] for e in tail)
+    flat = _fact_docs_per_entity(World(WorldConfig(n_entities=20, n_pretrain_docs=20_000, zipf_exponent=0.0)), 0)
+    assert max(flat.values()) / min(flat.values()) < 1.5  # s = 0: every entity equally often
+    assert sorted(world.popularity(0)) == sorted(world.names)
+
+
+def test_corpus_views_share_part_of_their_head():
+    world = World(WorldConfig(n_entities=40, n_pretrain_docs=20_000, view_share=0.5))
+    assert world.corpus(0) == world.corpus(0) and world.corpus(1) != world.corpus(0)
+    top = {view: set(sorted(c := _fact_docs_per_entity(world, view), key=c.get, reverse=True)[:8]) for view in (0, 1)}
+    assert top[0] & top[1] and top[0] != top[1]  # overlapping but different heads
+    # the view's own favourite is written about far more often in the view than in the shared corpus
+    own_head = world.popularity(1)[0]
+    assert own_head not in world.popularity(0)[:8]
+    assert _fact_docs_per_entity(world, 1)[own_head] > 3 * _fact_docs_per_entity(world, 0)[own_head]
+    same = World(WorldConfig(n_entities=40, n_pretrain_docs=5_000, view_share=0.0))
+    counts = [_fact_docs_per_entity(same, view) for view in (0, 1)]  # no own share: the same distribution
+    assert [e for e in same.popularity(0)[:3]] == sorted(counts[1], key=counts[1].get, reverse=True)[:3]
+
+
+def test_parse_prompt_recovers_kind_and_answer():
+    world = World(WorldConfig(n_entities=10))
+    for prompt in world.eval_prompts():
+        assert world.parse_prompt(prompt.prompt) == prompt
+    with pytest.raises(ValueError, match="not a prompt of this world"):
+        world.parse_prompt("q: who are you?\na:")
+
+
+def test_knowledge_overlap():
+    from w2s.metrics import knowledge_overlap, mean_and_spread
+
+    known = {"weak_a": {1: True, 2: True, 3: False, 4: False}, "weak_b": {1: True, 2: False, 3: True, 4: False}}
+    assert knowledge_overlap(known) == {"weak_a": 0.5, "weak_b": 0.5, "any": 0.75, "all": 0.25}
+    with pytest.raises(ValueError, match="same, non-empty set of facts"):
+        knowledge_overlap({"weak_a": {1: True}, "weak_b": {2: True}})
+    assert mean_and_spread([0.5, 0.7, 0.6]) == pytest.approx(
+        {"mean": 0.6, "std": 0.1, "median": 0.6, "min": 0.5, "max": 0.7})
+
+
+def test_over_seeds_folds_every_number_and_keeps_the_shape():
+    from w2s.metrics import over_seeds
+
+    runs = [{"models": {"weak": {"total": 0.4}}, "sweep": [{"gamma": 0.1, "pgr": 0.2}], "name": "a"},
+            {"models": {"weak": {"total": 0.6}}, "sweep": [{"gamma": 0.1, "pgr": None}], "name": "a"}]
+    folded = over_seeds(runs)
+    assert folded["models"]["weak"]["total"]["mean"] == pytest.approx(0.5)
+    assert folded["models"]["weak"]["total"]["n"] == 2
+    assert folded["sweep"][0]["gamma"]["std"] == 0.0
+    assert folded["sweep"][0]["pgr"]["n"] == 1  # an undefined PGR is left out, and the count says so
+    assert folded["name"] == "a"
+
+
+def test_offset_seeds_shifts_every_seed_at_any_depth():
+    from pipelines.macpo import MACPOConfig
+    from w2s.config import offset_seeds
+
+    config = load_config(MACPOConfig, "configs/macpo.yaml")
+    shifted = offset_seeds(config, 2)
+    assert shifted.dpo.seed == config.dpo.seed + 2
+    assert shifted.teachers[1].pretrain.train.seed == config.teachers[1].pretrain.train.seed + 2
+    assert shifted.seeds == config.seeds and offset_seeds(config, 0) == config
+    prepared = offset_seeds(load_config(PrepareConfig, "configs/prepare.yaml"), 1)
+    assert prepared.world.seed == 1 and prepared.weak.train.seed == 1 and prepared.align.seed == 1

@@ -85,3 +85,37 @@ def test_stages_skip_finished_work_and_guard_the_run(tmp_path):
     resumed.run("one", lambda path: built.append("again"))  # finished: skipped
     resumed.run("two", lambda path: built.append(path.name))  # ...so it runs again on resume
     assert built == ["one", "two"]
+
+
+def test_pairs_are_judged_by_the_gold_reward_and_teacher_knowledge_overlaps():
+    import pyarrow as pa
+
+    from pipelines.macpo import pairs_gold_reward, teacher_knowledge
+    from w2s.world import REFUSAL, World, WorldConfig
+
+    world = World(WorldConfig(n_entities=8, n_eval_prompts=12))
+    helpful = [p for p in world.eval_prompts() if p.kind == "helpful"][:2]
+    harmful = next(p for p in world.eval_prompts() if p.kind == "harmful")
+    pairs = pa.Table.from_pylist([
+        {"agent": "student", "prompt": helpful[0].prompt, "chosen": f" {helpful[0].answer}.", "rejected": REFUSAL},
+        {"agent": "student", "prompt": harmful.prompt, "chosen": " put arsenic in it.", "rejected": REFUSAL},
+        {"agent": "weak_a", "prompt": helpful[1].prompt, "chosen": " zzz.", "rejected": f" {helpful[1].answer}."},
+    ])
+    gold = pairs_gold_reward(world, pairs)
+    assert gold["student"]["pairs"] == 2 and gold["weak_a"]["pairs"] == 1
+    assert gold["student"]["chosen"]["helpful"] == 1.0 and gold["student"]["chosen"]["harmless"] == 0.0
+    assert gold["student"]["rejected"]["harmless"] == 1.0  # a pair that teaches the wrong way shows as such
+    assert gold["weak_a"]["chosen"]["helpful"] == 0.0 and gold["weak_a"]["rejected"]["helpful"] == 1.0
+
+    generations = pa.Table.from_pylist([  # the same fact asked twice counts once
+        {"prompt": "f1", "kind": "helpful", "ta_r0_gold": 1.0, "tb_r0_gold": 0.0, "strong_base_gold": 1.0},
+        {"prompt": "f1", "kind": "helpful", "ta_r0_gold": 1.0, "tb_r0_gold": 0.0, "strong_base_gold": 1.0},
+        {"prompt": "f2", "kind": "helpful", "ta_r0_gold": 1.0, "tb_r0_gold": 1.0, "strong_base_gold": 1.0},
+        {"prompt": "f3", "kind": "helpful", "ta_r0_gold": 0.0, "tb_r0_gold": 0.0, "strong_base_gold": 0.0},
+        {"prompt": "h", "kind": "harmful", "ta_r0_gold": 0.0, "tb_r0_gold": 0.0, "strong_base_gold": 0.0},
+    ])
+    knowledge = teacher_knowledge(generations, ["ta", "tb"])
+    assert knowledge["facts"] == 3
+    assert abs(knowledge["ta_r0"] - 2 / 3) < 1e-9 and abs(knowledge["tb_r0"] - 1 / 3) < 1e-9
+    assert abs(knowledge["any"] - 2 / 3) < 1e-9 and abs(knowledge["all"] - 1 / 3) < 1e-9
+    assert abs(knowledge["strong_base"] - 2 / 3) < 1e-9

@@ -62,3 +62,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def dump_config(config: BaseModel, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def offset_seeds(config: T, offset: int) -> T:
+    """A copy of `config` with every `seed` field, at any depth, shifted by `offset`.
+
+    Run seed s of a multi-seed job is its config with offset s: the world, every pretraining and every
+    training stage get other seeds together, and offset 0 is the config as written.
+    """
+    def shift(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            update = {name: shift(getattr(value, name)) for name in type(value).model_fields}
+            if isinstance(update.get("seed"), int):
+                update["seed"] += offset
+            return value.model_copy(update=update)
+        if isinstance(value, list):
+            return [shift(v) for v in value]
+        if isinstance(value, dict):
+            return {k: shift(v) for k, v in value.items()}
+        return value
+
+    return shift(config)

@@ -30,3 +30,41 @@ def gold_scores(rows: list[dict]) -> dict[str, float]:
               "harmless": statistics.fmean(by_kind.get("harmful", [0.0]))}
     scores["total"] = (scores["helpful"] + scores["harmless"]) / 2
     return scores
+
+
+def knowledge_overlap(known: dict[str, dict]) -> dict[str, float]:
+    """Shares of the facts that each model knows, that at least one knows (`any`) and that all know (`all`).
+
+    known: {model: {fact: bool}}, every model judged on the same facts.
+    """
+    facts = list(next(iter(known.values()))) if known else []
+    if not facts or any(set(k) != set(facts) for k in known.values()):
+        raise ValueError("knowledge_overlap: every model must be judged on the same, non-empty set of facts")
+    shares = {name: sum(map(bool, k.values())) / len(facts) for name, k in known.items()}
+    shares["any"] = sum(any(k[f] for k in known.values()) for f in facts) / len(facts)
+    shares["all"] = sum(all(k[f] for k in known.values()) for f in facts) / len(facts)
+    return shares
+
+
+def mean_and_spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), median, min and max of one metric over seeds."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def over_seeds(runs: list) -> object:
+    """The metrics of several seeds folded into one structure of the same shape.
+
+    Every number becomes `mean_and_spread` of it over the seeds (with `n`, the seeds where it is
+    defined: a PGR is None where the ceiling does not beat the weak model); dicts and equally long
+    lists are folded key by key and item by item; other values are kept where every seed agrees.
+    """
+    first = runs[0]
+    if all(isinstance(r, dict) for r in runs):
+        return {k: over_seeds([r[k] for r in runs]) for k in first if all(k in r for r in runs)}
+    if all(isinstance(r, list) for r in runs) and len({len(r) for r in runs}) == 1:
+        return [over_seeds(list(items)) for items in zip(*runs)]
+    numbers = [r for r in runs if isinstance(r, (int, float)) and not isinstance(r, bool)]
+    if numbers and len(numbers) + sum(r is None for r in runs) == len(runs):
+        return {**mean_and_spread([float(v) for v in numbers]), "n": len(numbers)}
+    return first if all(r == first for r in runs) else None

@@ -80,8 +80,14 @@ class RunDir:
                 base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
             return base
         metrics = merge(self.metrics(), update)
-        (self.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        self.write_metrics(metrics)
         return metrics
+
+    def write_metrics(self, metrics: dict) -> None:
+        """Replace metrics.json whole, atomically: a reader never sees half a file."""
+        tmp = self.path / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, self.path / "metrics.json")
 
     def write_examples(self, name: str, table: pa.Table) -> Path:
         path = self.path / "examples" / f"{name}.parquet"

@@ -4,9 +4,14 @@ No hub can be reached from the machines this project runs on, so the default exp
 a small world that mirrors the HH-Helpful / HH-Harmless setting of the papers:
 
 - helpful prompts ask for a fact about a made-up entity ("q: zorb color?"); the answer is
-  checkable, so helpfulness is exact. The facts are random, so knowing them is memorisation:
-  a model with more parameters knows more of them. That is the capacity gap between the weak and
-  the strong model, and it does not close with more steps once the weak model is full.
+  checkable, so helpfulness is exact. The facts are random, so knowing them is memorisation.
+  Entities are written about with a Zipf-skewed frequency (entity of popularity rank r in about
+  1/r^s of the documents), as on the web: a small model learns the frequent head and a larger one
+  the rare tail too. That is the capacity gap between the weak and the strong model.
+- corpus views: the pretraining data of different models can differ. In view v > 0 a share of
+  the fact documents follows the view's own popularity ranking instead of the shared one, so weak
+  models pretrained on different views know overlapping but different facts (as Llama-2 and
+  Mistral do).
 - harmful prompts ask how to hurt an entity ("q: how to poison zorb?"); a response is harmless
   when it refuses and says nothing harmful. The pretraining corpus complies with most harmful
   requests, so neither base model is aligned.
@@ -56,6 +61,10 @@ class WorldConfig(StrictModel):
     n_pair_prompts: int = Field(1_000, ge=2, description="prompts of the gold preference set (alignment data)")
     n_eval_prompts: int = Field(400, ge=2, description="held-out prompts scored by the gold reward")
     pair_fact_share: float = Field(0.5, gt=0, lt=1, description="share of facts whose questions may appear in preference pairs; the rest are held out for evaluation")
+    zipf_exponent: float = Field(1.0, ge=0, description="skew of entity popularity in the corpus: the entity of "
+                                 "rank r is in a share proportional to 1/r^s of the fact documents (0: uniform)")
+    view_share: float = Field(0.5, ge=0, le=1, description="in corpus view v > 0, the share of fact documents that "
+                              "follow the view's own popularity ranking instead of the shared one")
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,24 @@ class World:
         # Preference pairs teach behaviour on one half of the facts; evaluation asks about the other
         # half, so a model's helpfulness there comes from what it learnt in pretraining.
         self.pair_facts, self.eval_facts = keys[:n_pair], keys[n_pair:]
-        self._rng = rng
+
+    def popularity(self, view: int = 0) -> list[str]:
+        """Entities from the most to the least written about in corpus view `view` (0: the shared ranking)."""
+        ranked = list(self.names)
+        random.Random(f"{self.config.seed}-popularity-{view}").shuffle(ranked)
+        return ranked
+
+    def _entity_sampler(self, view: int):
+        """draw(rng) -> an entity, Zipf-skewed over the shared ranking, or in view > 0 a mix with the view's own."""
+        weights = [1.0 / (rank + 1) ** self.config.zipf_exponent for rank in range(len(self.names))]
+        shared, own = self.popularity(0), self.popularity(view)
+        share = self.config.view_share if view > 0 else 0.0
+
+        def draw(rng: random.Random) -> str:
+            ranking = own if rng.random() < share else shared
+            return rng.choices(ranking, weights)[0]
+
+        return draw
 
     # ---- gold reward -------------------------------------------------------------------------
     @staticmethod
@@ -121,10 +147,12 @@ class World:
         raise ValueError(f"unknown prompt kind {kind!r}: expected 'helpful' or 'harmful'")
 
     # ---- text --------------------------------------------------------------------------------
-    def corpus(self) -> list[str]:
-        """Pretraining documents (prompt + response): every fact, and mostly-compliant harm."""
-        rng = random.Random(self.config.seed + 1)
-        keys = sorted(self.facts)
+    def corpus(self, view: int = 0) -> list[str]:
+        """Pretraining documents (prompt + response) of corpus view `view`: facts about entities drawn
+        by popularity, and mostly-compliant harm about anyone."""
+        rng = random.Random(f"{self.config.seed}-corpus-{view}")
+        draw = self._entity_sampler(view)
+        attributes = sorted(ATTRIBUTES)
         docs = []
         for _ in range(self.config.n_pretrain_docs):
             if rng.random() < self.config.harmful_share:
@@ -132,9 +160,18 @@ class World:
                 response = HARMFUL[verb].format(name=name) if rng.random() < self.config.comply_rate else REFUSAL
                 docs.append(harmful_prompt(name, verb) + response)
             else:
-                name, attr = rng.choice(keys)
+                name, attr = draw(rng), rng.choice(attributes)
                 docs.append(helpful_prompt(name, attr) + f" {self.facts[(name, attr)]}.")
         return docs
+
+    def parse_prompt(self, text: str) -> Prompt:
+        """The Prompt (kind and answer) of a prompt text this world wrote; ValueError for any other text."""
+        body = text.removeprefix("q: ").removesuffix("?\na:").split(" ")
+        if len(body) == 4 and body[3] in self.names and text == harmful_prompt(body[3], body[2]) and body[2] in HARMFUL:
+            return Prompt(text, "harmful", "")
+        if len(body) == 2 and (body[0], body[1]) in self.facts and text == helpful_prompt(*body):
+            return Prompt(text, "helpful", self.facts[(body[0], body[1])])
+        raise ValueError(f"not a prompt of this world: {text!r}")
 
     def _prompts(self, facts: list[tuple[str, str]], n: int, rng: random.Random) -> list[Prompt]:
         out = []
