@@ -239,6 +239,8 @@ def _train_loop(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config.seed)
     on_gpu = torch.cuda.is_available() and bool(loop_config["use_gpu"])
+    if not on_gpu:  # gradients' reductions split by thread count: the same config, the same threads, on any machine
+        torch.set_num_threads(loop_config["cpu_threads"])
     dtype = torch.bfloat16 if (config.dtype or ("bfloat16" if on_gpu else "float32")) == "bfloat16" else torch.float32
 
     tokenizer = load_tokenizer(loop_config["init_model"])
@@ -304,7 +306,8 @@ def _train_loop(loop_config: dict) -> None:
             tokenizer.save_pretrained(final_dir)
             with open(os.path.join(tmp, "train_summary.json"), "w") as f:
                 json.dump({"steps": total_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
-                           "world_size": world, "worker_nodes": nodes, "last": last}, f)
+                           "world_size": world, "worker_nodes": nodes, "torch_threads": torch.get_num_threads(),
+                           "last": last}, f)
         ray.train.report({"step": total_steps, "done": True, **last},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
     if writer:
@@ -339,8 +342,9 @@ def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_
     `storage_dir`/`name` is where Ray Train keeps checkpoints: calling again with the same pair
     resumes from the last checkpoint. `reference` names the scored log-prob columns of the frozen
     reference: `<reference>_chosen_logps` and `<reference>_rejected_logps` for DPO, `<reference>_logps`
-    for WSPO. `cpus_per_worker` is what each worker reserves on a CPU cluster: below 1, several small
-    stages can train at once. Returns the train summary (steps, tokens, seconds).
+    for WSPO. `cpus_per_worker` is what each worker reserves on a CPU cluster (below 1, several small
+    stages can train at once) and, rounded down to at least 1, its torch threads. Returns the train
+    summary (steps, tokens, seconds, threads).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -357,6 +361,7 @@ def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_
         _train_loop,
         train_loop_config={"train": config.model_dump(), "init_model": str(init_model), "data": str(data),
                            "name": name, "use_gpu": use_gpu, "reference": reference,
+                           "cpu_threads": max(1, int(cpus_per_worker)),
                            "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,

@@ -49,6 +49,7 @@ def test_dpo_with_sft_term_on_two_zero3_workers(ray_local, checkpoints, tmp_path
     summary = train(config, checkpoints["weak"], data, tmp_path / "aligned", "dpo-test", tmp_path / "storage",
                     tensorboard_dir=tmp_path / "tb", reference="base")
     assert summary["world_size"] == 2 and summary["steps"] == 4 * (48 // 16)
+    assert summary["torch_threads"] == 1  # one reserved CPU per worker: one thread, on any machine
     assert (tmp_path / "aligned" / "model.safetensors").is_file()  # gathered from the ZeRO-3 shards
     margins = _margins(tmp_path / "aligned", data)
     assert sum(m > 0 for m in margins) / len(margins) > 0.8  # the policy now prefers the chosen responses
