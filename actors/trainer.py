@@ -334,6 +334,9 @@ def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str
     peft_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
 
 
+TRAINED_MARKER = ".trained_by_w2s"  # in every folder train() writes: the only kind it will replace
+
+
 def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path,
           name: str, storage_dir: str | Path, tensorboard_dir: str | Path | None = None, reference: str = "ref",
           cpus_per_worker: float = 1.0) -> dict:
@@ -354,6 +357,9 @@ def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_
 
     # Workers run in their own working directory: hand them absolute paths.
     init_model, data, output_dir = (Path(p).resolve() for p in (init_model, data, output_dir))
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / TRAINED_MARKER).is_file():
+        raise ValueError(f"output folder {output_dir} exists and was not written by train(): pick another, "
+                         "or remove it yourself")
     check_model_path(init_model)
     _rows(str(data), config, reference)  # fail on a missing column before any worker starts
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -373,9 +379,13 @@ def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training stage {name!r} failed") from result.error
-    output_dir = Path(output_dir)
+    staging = output_dir.with_name(output_dir.name + ".partial")  # ours: a copy cut short is never the result
     with result.checkpoint.as_directory() as ckpt:
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        shutil.copytree(Path(ckpt) / "model", output_dir)
-        return json.loads((Path(ckpt) / "train_summary.json").read_text())
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(Path(ckpt) / "model", staging)
+        (staging / TRAINED_MARKER).write_text(name)
+        summary = json.loads((Path(ckpt) / "train_summary.json").read_text())
+    if output_dir.exists():  # empty, or a model this function wrote before (checked above)
+        shutil.rmtree(output_dir)
+    staging.rename(output_dir)
+    return summary

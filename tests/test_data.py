@@ -213,6 +213,17 @@ def test_mixed_jsonl_sets_bad_rows_aside_with_reasons(tmp_path):
     )
 
 
+def test_a_bad_byte_sets_aside_its_line_and_equal_responses_are_set_aside(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    good = json.dumps({"prompt": "Say hi.", "chosen": "hi", "rejected": "no"}).encode()
+    same = json.dumps({"prompt": "Say hi.", "chosen": "hi", "rejected": "hi"}).encode()
+    path.write_bytes(b"\n".join([good, b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', same, good]) + b"\n")
+    good_rows, bad = load_pairs(path)
+    assert good_rows.column("row").to_pylist() == [0, 3]  # the rest of the file is still read
+    assert [(r["row"], r["error_field"], r["error"]) for r in bad.to_pylist()] == [
+        (1, "<row>", "not UTF-8 text"), (2, "rejected", "equal to chosen: the pair prefers nothing")]
+
+
 def test_length_limit_counts_eos_and_checks_chosen_first(tmp_path):
     tokenizer = char_tokenizer()
     record = {"prompt": "abc", "chosen": "de", "rejected": "fg"}  # 5 tokens + EOS = 6

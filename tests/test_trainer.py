@@ -51,6 +51,7 @@ def test_dpo_with_sft_term_on_two_zero3_workers(ray_local, checkpoints, tmp_path
     assert summary["world_size"] == 2 and summary["steps"] == 4 * (48 // 16)
     assert summary["torch_threads"] == 1  # one reserved CPU per worker: one thread, on any machine
     assert (tmp_path / "aligned" / "model.safetensors").is_file()  # gathered from the ZeRO-3 shards
+    assert (tmp_path / "aligned" / ".trained_by_w2s").is_file()
     margins = _margins(tmp_path / "aligned", data)
     assert sum(m > 0 for m in margins) / len(margins) > 0.8  # the policy now prefers the chosen responses
     assert list((tmp_path / "tb").iterdir())  # TensorBoard events written
@@ -62,6 +63,12 @@ def test_bad_inputs_fail_before_workers_start(checkpoints, tmp_path):
         train(TrainConfig(mode="dpo"), checkpoints["weak"], tmp_path / "x.parquet", tmp_path / "o", "n", tmp_path)
     with pytest.raises(ModelLoadError, match="does not exist"):
         train(TrainConfig(mode="lm"), tmp_path / "no-model", tmp_path / "x.parquet", tmp_path / "o", "n", tmp_path)
+    mine = tmp_path / "my_models"  # a user's folder: never replaced by a trained model
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"my_models exists and was not written by train\(\)"):
+        train(TrainConfig(mode="lm"), checkpoints["weak"], tmp_path / "x.parquet", mine, "n", tmp_path)
+    assert (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_killed_run_resumes_from_last_checkpoint(checkpoints, tmp_path):

@@ -19,7 +19,8 @@ Accepted records (TRL conventions):
   content. Otherwise each prompt message is written `"{role}: {content}\\n"`, the prompt ends in `"assistant:"`
   and a response is `" " + content`, so prompt + response reads `"user: hi\\nassistant: hello"`.
 
-Extra fields are ignored. In every form, a text that is empty or only whitespace is an error.
+Extra fields are ignored. In every form, a text that is empty or only whitespace is an error, and so is
+a rejected response equal to the chosen one.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def read_raw(path: str | Path) -> pa.Table:
 
     Formats: `.jsonl` / `.json` (JSON Lines, or a `.json` holding one JSON list of records), `.parquet`, and a
     directory written by `datasets.Dataset.save_to_disk`. In JSON Lines, blank lines are skipped and not counted,
-    so `row` is the index among the non-blank lines; a line that is not valid JSON is kept verbatim.
+    so `row` is the index among the non-blank lines; a line that is not valid JSON is kept verbatim, and a
+    line that is not UTF-8 is kept as None: check_batch sets either aside with its reason.
     """
     source, path = str(path), Path(path)
     if not path.exists():
@@ -92,20 +94,28 @@ def read_raw(path: str | Path) -> pa.Table:
     )
 
 
-def _read_json(path: Path, source: str) -> list[str]:
+def _read_json(path: Path, source: str) -> list[str | None]:
+    """JSON records as text; in JSON Lines, a line that is not UTF-8 is None (set aside by check_batch)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: drop a BOM if present
-    except UnicodeDecodeError as err:
-        raise PreferenceDataError(f"{source}: not UTF-8 text ({err})") from err
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # drop a UTF-8 BOM if present
     except OSError as err:
         raise PreferenceDataError(f"{source}: cannot read ({err})") from err
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if path.suffix == ".json" and data.lstrip().startswith(b"["):
         try:
-            return [_dumps(record) for record in json.loads(text)]
+            return [_dumps(record) for record in json.loads(data.decode("utf-8"))]
+        except UnicodeDecodeError as err:
+            raise PreferenceDataError(f"{source}: not UTF-8 text ({err})") from err
         except ValueError as err:
             raise PreferenceDataError(f"{source}: not a valid JSON list: {err}") from err
     # split on "\n" only: str.splitlines would also split at U+2028 etc., which JSON strings may hold unescaped
-    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    return [_utf8_or_none(line.rstrip(b"\r")) for line in data.split(b"\n") if line.strip()]
+
+
+def _utf8_or_none(line: bytes) -> str | None:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _read_parquet(path: Path, source: str) -> list[str]:
@@ -197,6 +207,8 @@ def _mark_too_long(out: dict[str, list], tokenizer, max_length: int) -> None:
 
 def _normalise(raw: str | None, tokenizer) -> tuple[str, str, str]:
     """(prompt, chosen, rejected) text of one raw record, or raise _Bad."""
+    if raw is None:
+        raise _Bad(ROW, "not UTF-8 text")
     try:
         record = json.loads(raw)
     except (TypeError, ValueError) as err:
@@ -210,6 +222,8 @@ def _normalise(raw: str | None, tokenizer) -> tuple[str, str, str]:
     for field, text in zip(TEXT_FIELDS, texts):
         if not text.strip():
             raise _Bad(field, "empty text")
+    if texts[1] == texts[2]:
+        raise _Bad("rejected", "equal to chosen: the pair prefers nothing")
     return texts
 
 

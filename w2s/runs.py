@@ -97,8 +97,10 @@ class RunDir:
     def link(self, name: str, target: str | Path) -> None:
         """A link in the run folder to something cached elsewhere (a model, the world's data)."""
         link = self.path / name
-        if link.is_symlink() or link.exists():
+        if link.is_symlink():
             link.unlink()
+        elif link.exists():  # a real file or folder: not ours to replace
+            raise FileExistsError(f"{link} exists and is not a link this run made: move it, or pick another run_name")
         os.symlink(Path(target).resolve(), link)
 
     def write_report(self, title: str, sections: list[str]) -> Path:
