@@ -116,9 +116,7 @@ def _pick(tree, stat: str):
 
 def _mean_pm_std(rows: list[dict], stds: list[dict]) -> list[dict]:
     def cell(mean, std):
-        if not (isinstance(mean, float) and isinstance(std, float)):
-            return mean
-        if std == 0 and mean.is_integer():  # a count or a round number, the same in every seed
-            return int(mean)
-        return f"{mean:.3f} ± {std:.3f}"
+        if isinstance(mean, float) and isinstance(std, float):
+            return f"{mean:.3f} ± {std:.3f}"
+        return mean  # text, or an integer that no seed changes (w2s.metrics.over_seeds)
     return [{k: cell(v, s.get(k)) for k, v in row.items()} for row, s in zip(rows, stds)]

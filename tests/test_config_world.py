@@ -136,14 +136,14 @@ def test_knowledge_overlap():
 def test_over_seeds_folds_every_number_and_keeps_the_shape():
     from w2s.metrics import over_seeds
 
-    runs = [{"models": {"weak": {"total": 0.4}}, "sweep": [{"gamma": 0.1, "pgr": 0.2}], "name": "a"},
-            {"models": {"weak": {"total": 0.6}}, "sweep": [{"gamma": 0.1, "pgr": None}], "name": "a"}]
+    runs = [{"models": {"weak": {"total": 0.4}}, "sweep": [{"gamma": 0.1, "pgr": 0.2}], "name": "a", "round": 1},
+            {"models": {"weak": {"total": 0.6}}, "sweep": [{"gamma": 0.1, "pgr": None}], "name": "a", "round": 1}]
     folded = over_seeds(runs)
     assert folded["models"]["weak"]["total"]["mean"] == pytest.approx(0.5)
     assert folded["models"]["weak"]["total"]["n"] == 2
     assert folded["sweep"][0]["gamma"]["std"] == 0.0
     assert folded["sweep"][0]["pgr"]["n"] == 1  # an undefined PGR is left out, and the count says so
-    assert folded["name"] == "a"
+    assert folded["name"] == "a" and folded["round"] == 1
 
 
 def test_offset_seeds_shifts_every_seed_at_any_depth():

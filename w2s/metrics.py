@@ -57,13 +57,16 @@ def over_seeds(runs: list) -> object:
 
     Every number becomes `mean_and_spread` of it over the seeds (with `n`, the seeds where it is
     defined: a PGR is None where the ceiling does not beat the weak model); dicts and equally long
-    lists are folded key by key and item by item; other values are kept where every seed agrees.
+    lists are folded key by key and item by item; other values (and integers that no seed changes, such
+    as round numbers) are kept where every seed agrees.
     """
     first = runs[0]
     if all(isinstance(r, dict) for r in runs):
         return {k: over_seeds([r[k] for r in runs]) for k in first if all(k in r for r in runs)}
     if all(isinstance(r, list) for r in runs) and len({len(r) for r in runs}) == 1:
         return [over_seeds(list(items)) for items in zip(*runs)]
+    if all(type(r) is int for r in runs) and all(r == first for r in runs):
+        return first  # a round number or a count that no seed changes
     numbers = [r for r in runs if isinstance(r, (int, float)) and not isinstance(r, bool)]
     if numbers and len(numbers) + sum(r is None for r in runs) == len(runs):
         return {**mean_and_spread([float(v) for v in numbers]), "n": len(numbers)}
