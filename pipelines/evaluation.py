@@ -49,6 +49,28 @@ def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path], gen
     return scores, pa.Table.from_pylist(rows)
 
 
+def knowledge_transfer(generations: pa.Table, model: str, weak: str = "weak_aligned",
+                       strong: str = "strong_base") -> dict:
+    """Whose knowledge `model` answers with, on the distinct held-out fact prompts.
+
+    `only_strong_knew`: facts the strong base gets right and the weak model wrong; there, the share
+    `model` gets right (`right_there`) and the share where it writes the weak model's wrong answer word
+    for word (`weak_answer_there`: copied ignorance). `weak_knew`: facts the weak model gets right; the
+    share `model` keeps right there (`right_where_weak_knew`).
+    """
+    facts = {row["prompt"]: row for row in generations.to_pylist() if row["kind"] == "helpful"}
+    only_strong = [r for r in facts.values() if r[f"{strong}_gold"] == 1.0 and r[f"{weak}_gold"] == 0.0]
+    weak_knew = [r for r in facts.values() if r[f"{weak}_gold"] == 1.0]
+
+    def share(rows: list, hit) -> float | None:
+        return sum(map(hit, rows)) / len(rows) if rows else None
+
+    return {"model": model, "only_strong_knew": len(only_strong),
+            "right_there": share(only_strong, lambda r: r[f"{model}_gold"] == 1.0),
+            "weak_answer_there": share(only_strong, lambda r: r[f"{model}_response"].strip() == r[f"{weak}_response"].strip()),
+            "weak_knew": len(weak_knew), "right_where_weak_knew": share(weak_knew, lambda r: r[f"{model}_gold"] == 1.0)}
+
+
 def examples_table(generations: pa.Table, models: list[str], n: int = 6) -> str:
     """The first `n` held-out prompts and every model's response, as a Markdown table."""
     def one_line(text: str) -> str:  # a newline would end the Markdown table row

@@ -41,7 +41,7 @@ from pydantic import Field, model_validator
 from actors.model_host import ModelGroup
 from actors.stages import generate_responses, score_by_host
 from actors.trainer import TrainConfig, train
-from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_lines
+from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, knowledge_transfer, plot_lines
 from pipelines.prepare import PretrainStage, load_prepare, prepare, pretrained_base
 from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import gold_scores, knowledge_overlap, pgr
@@ -352,8 +352,9 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
     rounds = [{"round": r, "student": with_pgr(scores[f"student_r{r}"]),
                "teachers": [{"name": t, **scores[f"{t}_r{r}"]} for t in teachers]} for r in range(len(history))]
     knowledge = teacher_knowledge(generations, teachers)
+    transfer = [knowledge_transfer(generations, name) for name in ("naive_sft", f"student_r{len(history) - 1}")]
     section = {"rounds": rounds, "teachers": teachers, "set_aside_pairs": set_aside, "pairs_gold_reward": pair_gold,
-               "knowledge": knowledge}
+               "knowledge": knowledge, "transfer": transfer}
     metrics = run.update_metrics({"models": {n: scores[n] for n in references},
                                   "methods": {"macpo": section, "naive_sft": with_pgr(scores["naive_sft"])}})
 
@@ -380,6 +381,9 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
         "student's answers). A pair moves its agent toward the gold reward only where chosen beats rejected.\n\n"
         + markdown_table(pairs_gold_rows(pair_gold)) + "\n\n" + pairs_reading(pair_gold, teachers),
         "![pairs](plots/macpo_pairs_gold.png)",
+        "Whose facts the student answers with (distinct held-out fact prompts; `only_strong_knew`: facts the strong "
+        "base knows and the weak aligned model does not; `weak_answer_there`: the share where the student writes "
+        "the weak aligned model's wrong answer word for word, 0.14 by chance):\n\n" + markdown_table(transfer),
         "Pairs set aside per round (chosen equals rejected): " + ", ".join(f"round {r}: {n}" for r, n in set_aside.items()),
         "Example generations:\n\n" + examples_table(generations, ["naive_sft", f"student_r{len(history) - 1}",
                                                                   "strong_ceiling"]),

@@ -26,7 +26,8 @@ from pydantic import Field, model_validator
 from actors.model_host import ModelGroup
 from actors.stages import score_preferences
 from actors.trainer import TrainConfig, train
-from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_lines, plot_scores
+from pipelines.evaluation import (GenerationConfig, examples_table, gold_evaluate, knowledge_transfer, plot_lines,
+                                  plot_scores)
 from pipelines.prepare import load_prepare, prepare
 from pipelines.score import check_same_tokenizer
 from w2s.config import StrictModel, offset_seeds
@@ -198,7 +199,8 @@ def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summarie
     sweep = [{"gamma": g, **scores[_name(g)], "pgr": pgr(scores[_name(g)]["total"], weak, ceiling), **last_batch(g)}
              for g in sorted(trained)]
     main = next(row for row in sweep if row["gamma"] == config.train.gamma)
-    section.update({k: main[k] for k in ("helpful", "harmless", "total", "pgr")}, sweep=sweep)
+    transfer = [{"gamma": g, **knowledge_transfer(generations, _name(g))} for g in sorted(trained)]
+    section.update({k: main[k] for k in ("helpful", "harmless", "total", "pgr")}, sweep=sweep, transfer=transfer)
     metrics = run.update_metrics({"models": {n: scores[n] for n in REFERENCES}, "methods": {"wspo": section}})
 
     plot_scores({n: scores[n] for n in (*REFERENCES, _name(config.train.gamma))}, run.path / "plots" / "gold_reward.png")
@@ -215,6 +217,12 @@ def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summarie
         "Gamma sweep (last_batch_amplification: least-squares slope of the policy's per-token log-ratio on the "
         "weak one over the last training batch; 1/gamma at the optimum, lower where the target is out of reach):\n\n" + markdown_table(sweep),
         "![gamma sweep](plots/wspo_gamma_sweep.png)",
+        "Whose facts WSPO answers with (distinct held-out fact prompts). `only_strong_knew`: facts the strong base "
+        "knows and the weak aligned model does not; `right_there`: the share WSPO keeps right there; "
+        "`weak_answer_there`: the share where it writes the weak aligned model's wrong answer word for word (one "
+        "of 7 wrong values: 0.14 by chance). Where these fall as gamma falls, the amplified weak log-ratio "
+        "(1/gamma times it; `last_batch_amplification` shows how far from that the policy stays) costs the strong "
+        "model its own knowledge and pulls it toward the weak model's answers.\n\n" + markdown_table(transfer),
         "Example generations:\n\n" + examples_table(generations, ["weak_aligned", "strong_base", "strong_ceiling",
                                                                   _name(config.train.gamma)]),
     ])

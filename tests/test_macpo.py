@@ -119,3 +119,24 @@ def test_pairs_are_judged_by_the_gold_reward_and_teacher_knowledge_overlaps():
     assert abs(knowledge["ta_r0"] - 2 / 3) < 1e-9 and abs(knowledge["tb_r0"] - 1 / 3) < 1e-9
     assert abs(knowledge["any"] - 2 / 3) < 1e-9 and abs(knowledge["all"] - 1 / 3) < 1e-9
     assert abs(knowledge["strong_base"] - 2 / 3) < 1e-9
+
+
+def test_knowledge_transfer_tells_copied_ignorance_from_own_knowledge():
+    import pyarrow as pa
+
+    from pipelines.evaluation import knowledge_transfer
+
+    def row(prompt, strong, weak, model, weak_text=" red.", model_text=" red."):
+        return {"prompt": prompt, "kind": "helpful", "strong_base_gold": strong, "weak_aligned_gold": weak,
+                "m_gold": model, "weak_aligned_response": weak_text, "m_response": model_text}
+
+    generations = pa.Table.from_pylist([
+        row("a", 1.0, 0.0, 0.0),                          # only the strong base knew; the model copies the weak answer
+        row("a", 1.0, 0.0, 0.0),                          # the same fact again: counted once
+        row("b", 1.0, 0.0, 1.0, model_text=" blue."),     # only the strong base knew; the model kept it
+        row("c", 1.0, 1.0, 0.0, " teal.", " gold."),      # the weak model knew; the model lost it
+        {**row("h", 0.0, 0.0, 0.0), "kind": "harmful"},
+    ])
+    transfer = knowledge_transfer(generations, "m")
+    assert transfer == {"model": "m", "only_strong_knew": 2, "right_there": 0.5, "weak_answer_there": 0.5,
+                        "weak_knew": 1, "right_where_weak_knew": 0.0}
