@@ -73,11 +73,11 @@ def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Calla
     """
     start = time.perf_counter()
     connect_ray()
+    run = RunDir(config.runs_dir, config.run_name)
     if config.seeds == [0]:
-        run = RunDir(config.runs_dir, config.run_name)
         metrics = run_one(config, run, 0)
+        shown = tables(metrics)
     else:
-        run = RunDir(config.runs_dir, config.run_name)
         run.save_config(config)
         per_seed = {}
         for seed in config.seeds:
@@ -86,19 +86,17 @@ def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Calla
         metrics = {"seeds": per_seed, "over_seeds": over_seeds(list(per_seed.values()))}
         run.write_metrics(metrics)
         mean, std = (_pick(metrics["over_seeds"], stat) for stat in ("mean", "std"))
+        shown = [(heading, _mean_pm_std(rows, stds)) for (heading, rows), (_, stds) in zip(tables(mean), tables(std))]
         report = [f"{len(config.seeds)} seeds ({', '.join(map(str, config.seeds))}; every `seed` of the config "
                   "shifted by each: another world, other initialisations and data orders). Each cell is the mean "
                   "± the standard deviation over seeds; each seed's own run is in `seed_<s>/`."]
-        report += [f"{heading}\n\n{markdown_table(_mean_pm_std(rows, stds))}"
-                   for (heading, rows), (_, stds) in zip(tables(mean), tables(std))]
+        report += [f"{heading}\n\n{markdown_table(rows)}" for heading, rows in shown]
         report += sections(per_seed, mean, std, run.path / "plots") if sections else []
         run.write_report(f"{config.run_name}: {len(config.seeds)} seeds", report)
         metrics = {**metrics, "mean": mean, "std": std}
     print()
-    for heading, rows in tables(metrics.get("mean", metrics)):
-        stds = tables(metrics["std"]) if "std" in metrics else None
-        print(f"{heading}\n")
-        print(markdown_table(_mean_pm_std(rows, dict(stds)[heading]) if stds else rows) + "\n")
+    for heading, rows in shown:
+        print(f"{heading}\n\n{markdown_table(rows)}\n")
     print(f"run folder: {run.path}  (report.md, metrics.json)  wall time {time.perf_counter() - start:.0f}s")
     return metrics
 

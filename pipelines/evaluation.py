@@ -49,6 +49,11 @@ def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path], gen
     return scores, pa.Table.from_pylist(rows)
 
 
+def distinct_facts(generations: pa.Table) -> dict[str, dict]:
+    """The helpful rows of an evaluation, one per distinct prompt (held-out prompts may ask a fact twice)."""
+    return {row["prompt"]: row for row in generations.to_pylist() if row["kind"] == "helpful"}
+
+
 def knowledge_transfer(generations: pa.Table, model: str, weak: str = "weak_aligned",
                        strong: str = "strong_base") -> dict:
     """Whose knowledge `model` answers with, on the distinct held-out fact prompts.
@@ -58,7 +63,7 @@ def knowledge_transfer(generations: pa.Table, model: str, weak: str = "weak_alig
     for word (`weak_answer_there`: copied ignorance). `weak_knew`: facts the weak model gets right; the
     share `model` keeps right there (`right_where_weak_knew`).
     """
-    facts = {row["prompt"]: row for row in generations.to_pylist() if row["kind"] == "helpful"}
+    facts = distinct_facts(generations)
     only_strong = [r for r in facts.values() if r[f"{strong}_gold"] == 1.0 and r[f"{weak}_gold"] == 0.0]
     weak_knew = [r for r in facts.values() if r[f"{weak}_gold"] == 1.0]
 

@@ -41,7 +41,8 @@ from pydantic import Field, model_validator
 from actors.model_host import ModelGroup
 from actors.stages import generate_responses, score_by_host
 from actors.trainer import TrainConfig, train
-from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, knowledge_transfer, plot_lines
+from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
+                                  knowledge_transfer, plot_lines)
 from pipelines.prepare import PretrainStage, load_prepare, prepare, pretrained_base
 from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import gold_scores, knowledge_overlap, pgr
@@ -393,7 +394,7 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
 
 def teacher_knowledge(generations: pa.Table, teachers: list[str]) -> dict[str, float]:
     """knowledge_overlap of the initialised teachers on the distinct held-out fact prompts, and the strong base's share."""
-    facts = {row["prompt"]: row for row in generations.to_pylist() if row["kind"] == "helpful"}
+    facts = distinct_facts(generations)
     known = {name: {p: row[f"{name}_gold"] == 1.0 for p, row in facts.items()}
              for name in [f"{t}_r0" for t in teachers] + ["strong_base"]}
     strong = known.pop("strong_base")
