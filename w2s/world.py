@@ -21,6 +21,7 @@ Everything is a pure function of the config and its seed. Nothing here imports R
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -115,13 +116,15 @@ class World:
 
     def _entity_sampler(self, view: int):
         """draw(rng) -> an entity, Zipf-skewed over the shared ranking, or in view > 0 a mix with the view's own."""
-        weights = [1.0 / (rank + 1) ** self.config.zipf_exponent for rank in range(len(self.names))]
+        # cumulative once, not per draw (random.choices would sum the weights on every call; same draws)
+        cum_weights = list(itertools.accumulate(1.0 / (rank + 1) ** self.config.zipf_exponent
+                                                for rank in range(len(self.names))))
         shared, own = self.popularity(0), self.popularity(view)
         share = self.config.view_share if view > 0 else 0.0
 
         def draw(rng: random.Random) -> str:
             ranking = own if rng.random() < share else shared
-            return rng.choices(ranking, weights)[0]
+            return rng.choices(ranking, cum_weights=cum_weights)[0]
 
         return draw
 
