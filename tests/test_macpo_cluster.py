@@ -103,11 +103,15 @@ def test_macpo_runs_across_two_nodes(uninterrupted):
     assert (uninterrupted / "plots" / "macpo_rounds.png").stat().st_size > 10_000
 
 
-def _train_workers() -> list[psutil.Process]:
+def _train_workers(job: subprocess.Popen) -> list[psutil.Process]:
+    """This job's Ray Train workers (its descendants), never those of another run on the machine."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
-            found.append(p)
+    for p in psutil.Process(job.pid).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
@@ -129,7 +133,7 @@ def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cach
     second_log = work / "killed_second.log"
     second = _start(_command(work, tiny_cache, "killed", "--resume"), second_log)
     victims = _wait_for("a round-1 training worker",
-                        lambda: (checkpoints / "round1_student").is_dir() and _train_workers(), second, second_log)
+                        lambda: (checkpoints / "round1_student").is_dir() and _train_workers(second), second, second_log)
     victims[0].kill()
     text = _finish(second, second_log)
 
