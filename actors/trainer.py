@@ -57,7 +57,6 @@ class TrainConfig(StrictModel):
     epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed)")
     batch_size: int = Field(8, ge=1, description="micro-batch per worker")
     grad_clip: float = Field(1.0, gt=0)
-    max_length: int = Field(512, ge=8)
     num_workers: int = Field(2, ge=1)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     zero_stage: int = Field(3, ge=0, le=3)
@@ -92,52 +91,60 @@ def _rows(path: str, config: TrainConfig, reference: str = "ref") -> list[dict]:
 
 
 def _batches(rows: list[dict], config: TrainConfig, rank: int, world: int):
-    """Deterministic (step, batch) stream for one worker: each epoch a seeded shuffle, split by rank."""
+    """Deterministic (step, batch) stream for one worker: each epoch a seeded shuffle, split by rank.
+
+    Every row is trained on each epoch: the epoch's last step, when the rows do not fill it, is topped
+    up from the start of that epoch's order (`data_use` counts those repeats for the summary).
+    """
     per_step = config.batch_size * world
-    steps_per_epoch = max(1, len(rows) // per_step)
+    steps_per_epoch = math.ceil(len(rows) / per_step)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
     for step in range(total):
         epoch, within = divmod(step, steps_per_epoch)
         order = list(range(len(rows)))
         random.Random(config.seed * 1000 + epoch).shuffle(order)
         start = within * per_step + rank * config.batch_size
-        # wraps around only when there are fewer rows than one step needs: every worker gets a full batch
         yield step, total, [rows[order[(start + k) % len(order)]] for k in range(config.batch_size)]
 
 
-def _loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tuple:
+def data_use(n_rows: int, config: TrainConfig, world: int) -> dict:
+    """What one run does with `n_rows` rows: steps, rows fed, rows repeated to fill the last step of an
+    epoch, and rows never trained on (only when `epochs` ends part-way through an epoch)."""
+    per_step = config.batch_size * world
+    steps_per_epoch = math.ceil(n_rows / per_step)
+    total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    full_epochs, last_steps = divmod(total, steps_per_epoch)
+    fed = total * per_step
+    seen = n_rows if full_epochs else min(n_rows, last_steps * per_step)
+    return {"rows": n_rows, "steps": total, "rows_fed": fed, "rows_unused": n_rows - seen,
+            "rows_repeated": fed - full_epochs * n_rows - min(n_rows, last_steps * per_step)}
+
+
+def _loss(model, tokenizer, batch: list[dict], config: TrainConfig, max_length: int) -> tuple:
     """Loss of one micro-batch, the number of tokens it trained on, and metrics to log."""
-    import torch
-
     from w2s.losses import dpo_loss, masked_mean_nll
-    from w2s.modeling import TokenizedBatch, token_logprobs, tokenize_pairs
+    from w2s.modeling import token_logprobs, tokenize_pairs
 
-    if config.mode == "lm":
-        enc = tokenizer([r["text"] for r in batch], add_special_tokens=False)["input_ids"]
-        ids = [(e + [tokenizer.eos_token_id])[: config.max_length] for e in enc]
-        width = max(map(len, ids))
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-        tb = TokenizedBatch(torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids]), mask, mask)
-        logp = token_logprobs(model, tb)
-        loss = masked_mean_nll(logp, tb.response_mask[:, 1:].to(logp.device))
-        return loss, int(mask.sum()), {"loss": loss.item()}
-    if config.mode == "sft":
-        tb = tokenize_pairs(tokenizer, [r["prompt"] for r in batch], [r["response"] for r in batch], config.max_length)
+    if config.mode in ("lm", "sft"):  # lm: a text is the response to an empty prompt
+        prompts = [""] * len(batch) if config.mode == "lm" else [r["prompt"] for r in batch]
+        tb = tokenize_pairs(tokenizer, prompts, [r["text" if config.mode == "lm" else "response"] for r in batch],
+                            max_length)
         logp = token_logprobs(model, tb)
         loss = masked_mean_nll(logp, tb.response_mask[:, 1:].to(logp.device))
         return loss, int(tb.attention_mask.sum()), {"loss": loss.item()}
     if config.mode == "wspo":
-        return _wspo_loss(model, tokenizer, batch, config)
+        return _wspo_loss(model, tokenizer, batch, config, max_length)
 
     prompts = [r["prompt"] for r in batch] * 2
     responses = [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
-    tb = tokenize_pairs(tokenizer, prompts, responses, config.max_length)
+    tb = tokenize_pairs(tokenizer, prompts, responses, max_length)
     logp = token_logprobs(model, tb)
     mask = tb.response_mask[:, 1:].to(logp.device)
     n = len(batch)
     seq = logp.sum(-1)
-    ref = torch.tensor([sum(r["ref_chosen_logps"]) for r in batch] + [sum(r["ref_rejected_logps"]) for r in batch],
-                       device=logp.device)
+    # per token, so a reference scored with another tokenizer is refused, not summed
+    ref = _per_token([r["ref_chosen_logps"] for r in batch] + [r["ref_rejected_logps"] for r in batch],
+                     mask.bool(), "ref_chosen_logps / ref_rejected_logps").sum(-1)
     if config.loss == "ipo":  # IPO works on per-token mean log-probs (as TRL does)
         ntok = mask.sum(-1).clamp(min=1)
         seq, ref = seq / ntok, ref / ntok
@@ -166,7 +173,7 @@ def _per_token(values: list[list[float]], mask, name: str):
     return out
 
 
-def _wspo_loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tuple:
+def _wspo_loss(model, tokenizer, batch: list[dict], config: TrainConfig, max_length: int) -> tuple:
     """WSPO on one micro-batch: only the policy runs here; the weak streams (and, without LoRA,
     the strong reference) were scored once by the Ray Data stage."""
     import torch
@@ -174,7 +181,7 @@ def _wspo_loss(model, tokenizer, batch: list[dict], config: TrainConfig) -> tupl
     from w2s.losses import wspo_loss
     from w2s.modeling import token_logprobs, tokenize_pairs
 
-    tb = tokenize_pairs(tokenizer, [r["prompt"] for r in batch], [r["response"] for r in batch], config.max_length)
+    tb = tokenize_pairs(tokenizer, [r["prompt"] for r in batch], [r["response"] for r in batch], max_length)
     logp = token_logprobs(model, tb)
     mask = tb.response_mask[:, 1:].bool().to(logp.device)
     if config.lora:  # the reference is the policy with its adapter disabled
@@ -249,7 +256,7 @@ def _train_loop(loop_config: dict) -> None:
     if config.lora:
         model = _add_lora(model, config.lora)
     rows = _rows(loop_config["data"], config, loop_config["reference"])
-    total_steps = max(1, math.ceil(config.epochs * max(1, len(rows) // (config.batch_size * world))))
+    total_steps = data_use(len(rows), config, world)["steps"]
     engine, scheduler = deepspeed_engine(model, config, total_steps, dtype)
 
     start_step = 0
@@ -271,7 +278,7 @@ def _train_loop(loop_config: dict) -> None:
     for step, total, batch in _batches(rows, config, rank, world):
         if step < start_step:
             continue
-        loss, ntok, metrics = _loss(engine, tokenizer, batch, config)
+        loss, ntok, metrics = _loss(engine, tokenizer, batch, config, loop_config["max_length"])
         engine.backward(loss)
         engine.step()
         tokens += ntok
@@ -335,38 +342,73 @@ def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str
 
 
 TRAINED_MARKER = ".trained_by_w2s"  # in every folder train() writes: the only kind it will replace
+FINGERPRINT = ".w2s_fingerprint"  # in a stage's Ray Train folder: what its checkpoints were trained on
+
+
+class CheckpointMismatchError(ValueError):
+    """Ray Train checkpoints left by a run of another config, model or data under the same name."""
+
+
+def _claim_checkpoints(folder: Path, fingerprint: str) -> None:
+    """Resume only from checkpoints of the same config, initial weights and data; refuse others."""
+    mark = folder / FINGERPRINT
+    if mark.is_file() and mark.read_text() != fingerprint:
+        raise CheckpointMismatchError(f"{folder} holds Ray Train checkpoints of another config, initial model or data; "
+                                      "resuming from them would mix two runs: remove the folder, or use another name")
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.write_text(fingerprint)
+
+
+def _check_lengths(rows: list[dict], tokenizer, mode: str, max_length: int, data: Path) -> None:
+    """Refuse, before any worker starts, a row longer than `max_length` (it would be cut, or crash a worker)."""
+    from w2s.modeling import TooLongError, pair_ids
+
+    fields = {"lm": [("", "text")], "sft": [("prompt", "response")], "wspo": [("prompt", "response")],
+              "dpo": [("prompt", "chosen"), ("prompt", "rejected")]}[mode]
+    for prompt, field in fields:
+        ids = pair_ids(tokenizer, [r[prompt] if prompt else "" for r in rows], [r[field] for r in rows])
+        for i, (p, r) in enumerate(ids):
+            if len(p) + len(r) > max_length:
+                raise TooLongError(f"{data}: row {i} field {field!r}: {len(p) + len(r)} tokens with its prompt and "
+                                   f"EOS > max_length {max_length}; set such rows aside before training")
 
 
 def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path,
-          name: str, storage_dir: str | Path, tensorboard_dir: str | Path | None = None, reference: str = "ref",
-          cpus_per_worker: float = 1.0) -> dict:
+          name: str, storage_dir: str | Path, max_length: int, tensorboard_dir: str | Path | None = None,
+          reference: str = "ref", cpus_per_worker: float = 1.0) -> dict:
     """Train `init_model` on `data` and write the resulting HF checkpoint to `output_dir`.
 
     `storage_dir`/`name` is where Ray Train keeps checkpoints: calling again with the same pair
     resumes from the last checkpoint. `reference` names the scored log-prob columns of the frozen
     reference: `<reference>_chosen_logps` and `<reference>_rejected_logps` for DPO, `<reference>_logps`
-    for WSPO. `cpus_per_worker` is what each worker reserves on a CPU cluster (below 1, several small
-    stages can train at once) and, rounded down to at least 1, its torch threads. Returns the train
-    summary (steps, tokens, seconds, threads).
+    for WSPO. `max_length` is the job's one length limit: a longer row is refused here, never cut
+    (w2s.modeling.resolve_max_length checks it against the model). `cpus_per_worker` is what each
+    worker reserves on a CPU cluster (below 1, several small stages can train at once) and, rounded
+    down to at least 1, its torch threads. Returns the train
+    summary (steps, tokens, seconds, threads, and `data`: rows fed, repeated and unused, see data_use).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from w2s.modeling import check_model_path
+    from w2s.modeling import load_tokenizer, weights_fingerprint
+    from w2s.runs import content_hash, file_hash
 
     # Workers run in their own working directory: hand them absolute paths.
     init_model, data, output_dir = (Path(p).resolve() for p in (init_model, data, output_dir))
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / TRAINED_MARKER).is_file():
         raise ValueError(f"output folder {output_dir} exists and was not written by train(): pick another, "
                          "or remove it yourself")
-    check_model_path(init_model)
-    _rows(str(data), config, reference)  # fail on a missing column before any worker starts
+    tokenizer = load_tokenizer(init_model)  # a missing model, column or over-long row fails before any worker starts
+    rows = _rows(str(data), config, reference)
+    _check_lengths(rows, tokenizer, config.mode, max_length, data)
+    _claim_checkpoints(Path(storage_dir).resolve() / name, content_hash(
+        config, weights_fingerprint(init_model), file_hash(data), max_length, reference))
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": config.model_dump(), "init_model": str(init_model), "data": str(data),
-                           "name": name, "use_gpu": use_gpu, "reference": reference,
+                           "name": name, "use_gpu": use_gpu, "reference": reference, "max_length": max_length,
                            "cpu_threads": max(1, int(cpus_per_worker)),
                            "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -385,6 +427,10 @@ def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_
         shutil.copytree(Path(ckpt) / "model", staging)
         (staging / TRAINED_MARKER).write_text(name)
         summary = json.loads((Path(ckpt) / "train_summary.json").read_text())
+    summary["data"] = use = data_use(len(rows), config, config.num_workers)
+    if use["rows_repeated"] or use["rows_unused"]:
+        print(f"[train {name}] {use['rows']} rows in {use['steps']} steps: {use['rows_repeated']} repeated to fill "
+              f"an epoch's last step, {use['rows_unused']} unused (epochs {config.epochs:g})", flush=True)
     if output_dir.exists():  # empty, or a model this function wrote before (checked above)
         shutil.rmtree(output_dir)
     staging.rename(output_dir)

@@ -97,7 +97,7 @@ def bench_scoring(model_path: Path, pairs: list[dict], work: Path, batch_size: i
     from actors.stages import score_preferences
     from w2s.modeling import ModelSpec, load_model, response_logprobs, tokenize_pairs
 
-    spec = ModelSpec(path=str(model_path), max_length=MAX_LENGTH)
+    spec = ModelSpec(path=str(model_path))
     own_threads = torch.get_num_threads()
     model, tokenizer = load_model(spec)
     prompts = [r["prompt"] for r in pairs]
@@ -163,9 +163,9 @@ def bench_training(model_path: Path, corpus: Path, work: Path, workers: int) -> 
 
     # Checkpoints and logging off: the benchmark measures the training steps themselves.
     config = TrainConfig(mode="lm", lr=3e-3, epochs=1.0, batch_size=32, warmup_ratio=0.02, num_workers=workers,
-                         max_length=MAX_LENGTH, checkpoint_every=10**6, log_every=10**6)
+                         checkpoint_every=10**6, log_every=10**6)
     start = time.perf_counter()
-    summary = train(config, model_path, corpus, work / f"model-{workers}w", f"bench-lm-{workers}w", work / "storage")
+    summary = train(config, model_path, corpus, work / f"model-{workers}w", f"bench-lm-{workers}w", work / "storage", MAX_LENGTH)
     wall = time.perf_counter() - start
     tokens = summary["tokens_per_worker"] * summary["world_size"]
     return {"workers": workers, "steps": summary["steps"], "tokens": tokens, "seconds": summary["seconds"],

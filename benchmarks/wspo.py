@@ -96,7 +96,7 @@ def run_pipeline(config: TrainConfig, models: dict[str, Path], data: Path, work:
 
     hosts = {"weak_aligned": models["weak_aligned"], "weak_base": models["weak_base"], "strong_ref": models["strong"]}
     start = time.perf_counter()
-    with ModelGroup({role: ModelSpec(path=str(p), max_length=MAX_LENGTH) for role, p in hosts.items()}) as group:
+    with ModelGroup({role: ModelSpec(path=str(p)) for role, p in hosts.items()}) as group:
         hosts_start = time.perf_counter() - start  # actors started, models loaded
         scored = score_preferences(data, group.hosts, work / "scores", tokenizer_path=str(models["strong"]),
                                    max_length=MAX_LENGTH, batch_size=64, responses=("chosen",))
@@ -106,7 +106,7 @@ def run_pipeline(config: TrainConfig, models: dict[str, Path], data: Path, work:
     scoring = time.perf_counter() - start
 
     start = time.perf_counter()
-    summary = train(config, models["strong"], train_data, work / "model", "pipeline", work / "storage",
+    summary = train(config, models["strong"], train_data, work / "model", "pipeline", work / "storage", MAX_LENGTH,
                     reference="strong_ref")
     train_wall = time.perf_counter() - start
     return {"rows": scored.n_scored, "steps": summary["steps"], "hosts_start_s": hosts_start, "scoring_s": scoring,
@@ -136,7 +136,7 @@ def official_loop(loop_config: dict) -> None:
     tokenizer = load_tokenizer(models["strong"])
     policy = AutoModelForCausalLM.from_pretrained(models["strong"], dtype=torch.float32, use_safetensors=True)
     policy.config.use_cache = False
-    frozen = {role: load_model(ModelSpec(path=models[path], dtype=dtype, max_length=config.max_length), get_device())[0]
+    frozen = {role: load_model(ModelSpec(path=models[path], dtype=dtype), get_device())[0]
               for role, path in (("ref", "strong"), ("weak_aligned", "weak_aligned"), ("weak_base", "weak_base"))}
     good, _ = load_pairs(loop_config["data"])
     rows = good.select(["prompt", "chosen", "rejected"]).to_pylist()
@@ -149,7 +149,7 @@ def official_loop(loop_config: dict) -> None:
         n = len(batch)
         prompts = [r["prompt"] for r in batch]
         tb = tokenize_pairs(tokenizer, prompts + prompts, [r["chosen"] for r in batch] + [r["rejected"] for r in batch],
-                            config.max_length)
+                            MAX_LENGTH)
         policy_logps = token_logprobs(engine, tb)  # chosen + rejected in one pass, with grad
         with torch.no_grad():
             logps = {role: token_logprobs(model, tb) for role, model in frozen.items()}
@@ -222,7 +222,7 @@ def main() -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     # Checkpoints and progress lines off: the benchmark measures the training itself.
     base = TrainConfig(mode="wspo", gamma=0.1, lr=1e-4, batch_size=16, num_workers=2, zero_stage=3,
-                       max_length=MAX_LENGTH, checkpoint_every=10**6, log_every=10**6)
+                       checkpoint_every=10**6, log_every=10**6)
     load_before = os.getloadavg()
     runs: dict[tuple[str, float], dict] = {}  # (side, epochs) -> measurements
     try:

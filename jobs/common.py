@@ -1,8 +1,9 @@
-"""What every entry point shares: arguments, config loading, connecting to Ray."""
+"""What every entry point shares: arguments, config loading, connecting to Ray, the run's job.log, one-line errors."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -14,22 +15,74 @@ from w2s.metrics import over_seeds
 from w2s.runs import RunDir, markdown_table
 
 
-def parse_args(description: str, default_config: str, resumable: bool = False) -> argparse.Namespace:
+def parse_args(description: str, default_config: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set align.lr=1e-4 (repeatable)")
-    if resumable:
-        parser.add_argument("--resume", action="store_true",
-                            help="continue the run in runs/<run_name>, skipping its finished stages")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start runs/<run_name> afresh (without it, the same config continues the run there "
+                             "and another config is refused)")
     return parser.parse_args()
 
 
-def load(cls, args: argparse.Namespace):
+class _Tee:
+    """A text stream that also writes to a file: the screen, and the run folder's log."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def keep_log(run: RunDir):
+    """Within: everything the job prints (its workers' lines included) also goes to `<run folder>/job.log`,
+    and so does the error that ends it."""
+    saved = sys.stdout, sys.stderr
+    with open(run.path / "job.log", "a", buffering=1) as log:
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        try:
+            yield
+        except BaseException as err:
+            log.write(f"error: {err}\n" if isinstance(err, user_errors()) else f"failed: {type(err).__name__}: {err}\n")
+            raise
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The project's own errors: bad config, data, model or run folder. A job reports them as one line."""
+    from actors.trainer import CheckpointMismatchError
+    from pipelines.score import TokenizerMismatchError
+    from w2s.data import PreferenceDataError
+    from w2s.modeling import ModelLoadError, TooLongError
+    from w2s.runs import RunExistsError
+
+    return (ConfigError, PreferenceDataError, ModelLoadError, TooLongError, TokenizerMismatchError, RunExistsError,
+            CheckpointMismatchError)
+
+
+def main(job: Callable[[], Any]) -> None:
+    """Run an entry point: a user error is one message on stderr and exit code 2, not a traceback."""
     try:
-        return load_config(cls, args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+        job()
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def load(cls, args: argparse.Namespace):
+    return load_config(cls, args.config, args.overrides)
 
 
 # Same config, same numbers across CPUs: MKL and PyTorch pick their CPU kernels by instruction set
@@ -62,7 +115,7 @@ Tables = list[tuple[str, list[dict]]]  # (heading, rows) of a job's result table
 
 
 def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Callable[[dict], Tables],
-              sections: Callable[[dict, dict, dict, Path], list[str]] | None = None) -> dict:
+              sections: Callable[[dict, dict, dict, Path], list[str]] | None = None, overwrite: bool = False) -> dict:
     """Run a job once per seed of `config.seeds`, print its tables, and return the metrics.
 
     One seed: the run folder is runs/<run_name>/, as for any run. Several: seed s runs in
@@ -70,35 +123,42 @@ def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Calla
     and runs/<run_name>/ gets metrics.json with each seed's metrics under `seeds` and every number's
     mean, std, median, min and max under `over_seeds`, and a report with the tables as mean ± std
     and the job's own `sections(per_seed, mean, std, plots_folder)` (plots with error bars...).
+    The run folder follows w2s.runs' resume model: `overwrite` starts it afresh.
     """
     start = time.perf_counter()
-    connect_ray()
-    run = RunDir(config.runs_dir, config.run_name)
-    if config.seeds == [0]:
-        metrics = run_one(config, run, 0)
-        shown = tables(metrics)
-    else:
-        run.save_config(config)
-        per_seed = {}
-        for seed in config.seeds:
-            print(f"\n===== seed {seed} ({config.seeds.index(seed) + 1} of {len(config.seeds)}) =====", flush=True)
-            per_seed[str(seed)] = run_one(config, RunDir(run.path, f"seed_{seed}"), seed)
-        metrics = {"seeds": per_seed, "over_seeds": over_seeds(list(per_seed.values()))}
-        run.write_metrics(metrics)
-        mean, std = (_pick(metrics["over_seeds"], stat) for stat in ("mean", "std"))
-        shown = [(heading, _mean_pm_std(rows, stds)) for (heading, rows), (_, stds) in zip(tables(mean), tables(std))]
-        report = [f"{len(config.seeds)} seeds ({', '.join(map(str, config.seeds))}; every `seed` of the config "
-                  "shifted by each: another world, other initialisations and data orders). Each cell is the mean "
-                  "± the standard deviation over seeds; each seed's own run is in `seed_<s>/`."]
-        report += [f"{heading}\n\n{markdown_table(rows)}" for heading, rows in shown]
-        report += sections(per_seed, mean, std, run.path / "plots") if sections else []
-        run.write_report(f"{config.run_name}: {len(config.seeds)} seeds", report)
-        metrics = {**metrics, "mean": mean, "std": std}
-    print()
-    for heading, rows in shown:
-        print(f"{heading}\n\n{markdown_table(rows)}\n")
-    print(f"run folder: {run.path}  (report.md, metrics.json)  wall time {time.perf_counter() - start:.0f}s")
+    run = RunDir(config.runs_dir, config.run_name, fresh=overwrite)
+    run.claim(config)  # before any work: another config's run here is refused
+    with keep_log(run):
+        connect_ray()
+        if config.seeds == [0]:
+            metrics = run_one(config, run, 0)
+            shown = tables(metrics)
+        else:
+            metrics, shown = _several_seeds(config, run, run_one, tables, sections)
+        print()
+        for heading, rows in shown:
+            print(f"{heading}\n\n{markdown_table(rows)}\n")
+        print(f"run folder: {run.path}  (report.md, metrics.json, job.log)  wall time {time.perf_counter() - start:.0f}s")
     return metrics
+
+
+def _several_seeds(config, run: RunDir, run_one, tables, sections) -> tuple[dict, Tables]:
+    """Every seed's run in its own folder; the metrics over seeds and their tables as mean ± std."""
+    per_seed = {}
+    for seed in config.seeds:
+        print(f"\n===== seed {seed} ({config.seeds.index(seed) + 1} of {len(config.seeds)}) =====", flush=True)
+        per_seed[str(seed)] = run_one(config, RunDir(run.path, f"seed_{seed}"), seed)
+    metrics = {"seeds": per_seed, "over_seeds": over_seeds(list(per_seed.values()))}
+    run.write_metrics(metrics)
+    mean, std = (_pick(metrics["over_seeds"], stat) for stat in ("mean", "std"))
+    shown = [(heading, _mean_pm_std(rows, stds)) for (heading, rows), (_, stds) in zip(tables(mean), tables(std))]
+    report = [f"{len(config.seeds)} seeds ({', '.join(map(str, config.seeds))}; every `seed` of the config "
+              "shifted by each: another world, other initialisations and data orders). Each cell is the mean "
+              "± the standard deviation over seeds; each seed's own run is in `seed_<s>/`."]
+    report += [f"{heading}\n\n{markdown_table(rows)}" for heading, rows in shown]
+    report += sections(per_seed, mean, std, run.path / "plots") if sections else []
+    run.write_report(f"{config.run_name}: {len(config.seeds)} seeds", report)
+    return {**metrics, "mean": mean, "std": std}, shown
 
 
 def _pick(tree, stat: str):

@@ -1,19 +1,17 @@
 """MACPO: weak teachers and a strong student exchange contrastive DPO pairs over rounds.
 
-    python -m jobs.macpo [--config configs/macpo.yaml] [--set rounds=2 ...] [--set seeds=[0,1,2]] [--resume]
+    python -m jobs.macpo [--config configs/macpo.yaml] [--set rounds=2 ...] [--set seeds=[0,1,2]] [--overwrite]
     ray job submit --working-dir . -- python -m jobs.macpo --config configs/macpo.yaml
 
 On the embedded world it reuses (or first builds) the models of `python -m jobs.prepare`.
-A killed run continues with --resume: finished stages are skipped, a training stage resumes from
-its last checkpoint.
+A killed run continues when the same command is run again: finished stages are skipped, a training
+stage resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
-import sys
-
-from jobs.common import Tables, load, parse_args, run_seeds
-from pipelines.macpo import MACPOConfig, RunExistsError, pairs_gold_rows, plot_pairs_gold, plot_rounds, run_macpo
+from jobs.common import Tables, load, main, parse_args, run_seeds
+from pipelines.macpo import MACPOConfig, pairs_gold_rows, plot_pairs_gold, plot_rounds, run_macpo
 
 
 def tables(metrics: dict) -> Tables:
@@ -37,14 +35,10 @@ def sections(per_seed: dict, mean: dict, std: dict, folder) -> list[str]:
             "![gold reward of the pairs, mean and standard deviation over seeds](plots/macpo_pairs_gold.png)"]
 
 
-def main() -> None:
-    args = parse_args(__doc__, "configs/macpo.yaml", resumable=True)
-    config = load(MACPOConfig, args)
-    try:
-        run_seeds(config, lambda cfg, run, seed: run_macpo(cfg, run, args.resume, seed), tables, sections)
-    except RunExistsError as err:
-        sys.exit(f"error: {err}")
+def macpo_job() -> None:
+    args = parse_args(__doc__, "configs/macpo.yaml")
+    run_seeds(load(MACPOConfig, args), run_macpo, tables, sections, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    main(macpo_job)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from jobs.common import Tables, load, parse_args, run_seeds
+from jobs.common import Tables, load, main, parse_args, run_seeds
 from pipelines.evaluation import plot_scores
 from pipelines.prepare import PrepareConfig, TARGETS, prepare
 from w2s.config import offset_seeds
@@ -19,7 +19,7 @@ from w2s.runs import RunDir
 def run_one(config: PrepareConfig, run: RunDir, seed: int) -> dict:
     start = time.perf_counter()
     config = offset_seeds(config, seed)
-    run.save_config(config)
+    run.claim(config)
     prepare(config, run)
     return run.update_metrics({"wall_seconds": {"prepare": round(time.perf_counter() - start, 1)}})
 
@@ -45,11 +45,11 @@ def sections(per_seed: dict, mean: dict, std: dict, folder) -> list[str]:
             "![gold reward, mean and standard deviation over seeds](plots/gold_reward.png)"]
 
 
-def main() -> None:
-    config = load(PrepareConfig, parse_args(__doc__, "configs/prepare.yaml"))
-    metrics = run_seeds(config, run_one, tables, sections)
+def prepare_job() -> None:
+    args = parse_args(__doc__, "configs/prepare.yaml")
+    metrics = run_seeds(load(PrepareConfig, args), run_one, tables, sections, args.overwrite)
     print("\n".join(target_lines(list(metrics["seeds"].values()) if "seeds" in metrics else [metrics])))
 
 
 if __name__ == "__main__":
-    main()
+    main(prepare_job)

@@ -6,18 +6,20 @@ Writes runs/<run_name>/examples/scored.parquet and rejected_rows.parquet (malfor
 
 from __future__ import annotations
 
-from jobs.common import connect_ray, load, parse_args
+from jobs.common import connect_ray, keep_log, load, main, parse_args
 from pipelines.score import ScoreConfig, score
 from w2s.runs import RunDir
 
 
-def main() -> None:
-    config = load(ScoreConfig, parse_args(__doc__, "configs/score.yaml"))
-    connect_ray()
-    run = RunDir(config.runs_dir, config.run_name)
-    run.save_config(config)
-    score(config, run)
+def score_job() -> None:
+    args = parse_args(__doc__, "configs/score.yaml")
+    config = load(ScoreConfig, args)
+    run = RunDir(config.runs_dir, config.run_name, fresh=args.overwrite)
+    run.claim(config)
+    with keep_log(run):
+        connect_ray()
+        score(config, run)
 
 
 if __name__ == "__main__":
-    main()
+    main(score_job)

@@ -8,7 +8,7 @@ On the embedded world it reuses (or first builds) the models of `python -m jobs.
 
 from __future__ import annotations
 
-from jobs.common import Tables, load, parse_args, run_seeds
+from jobs.common import Tables, load, main, parse_args, run_seeds
 from pipelines.wspo import WSPOConfig, plot_sweep, run_wspo
 
 
@@ -28,10 +28,10 @@ def sections(per_seed: dict, mean: dict, std: dict, folder) -> list[str]:
     return ["![gamma sweep, mean and standard deviation over seeds](plots/wspo_gamma_sweep.png)"]
 
 
-def main() -> None:
-    config = load(WSPOConfig, parse_args(__doc__, "configs/wspo.yaml"))
-    run_seeds(config, run_wspo, tables, sections)
+def wspo_job() -> None:
+    args = parse_args(__doc__, "configs/wspo.yaml")
+    run_seeds(load(WSPOConfig, args), run_wspo, tables, sections, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    main(wspo_job)

@@ -30,11 +30,11 @@ class GenerationConfig(StrictModel):
     seed: int = 0
 
 
-def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path], generation: GenerationConfig,
-                  max_length: int) -> tuple[dict[str, dict], pa.Table]:
+def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path],
+                  generation: GenerationConfig) -> tuple[dict[str, dict], pa.Table]:
     """Scores {model: {helpful, harmless, total}} and the generations (`<model>_response`, `<model>_gold`)."""
     prompts = pq.read_table(prompts_path)
-    specs = {name: ModelSpec(path=str(path), max_length=max_length) for name, path in models.items()}
+    specs = {name: ModelSpec(path=str(path)) for name, path in models.items()}
     print(f"[evaluate] generating on {prompts.num_rows} held-out prompts with {', '.join(specs)}", flush=True)
     g = generation
     with ModelGroup(specs) as group:

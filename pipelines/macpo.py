@@ -16,12 +16,16 @@ Agents: N weak teachers and one strong student, each a positive agent plus a neg
                 its previous round; its reference is itself at the start of the round (scored once)
     end      gold reward of every agent after every round, naive SFT and the reference models
 
-Negative agents stay as initialised (the natural reading; the papers do not retrain them). Pairs
-whose chosen and rejected texts are equal teach nothing: they are set aside and counted.
+Negative agents stay as initialised (the natural reading; the papers do not retrain them). The
+generated pairs get the check user data gets (w2s.data.check_batch): an empty response, chosen equal
+to rejected (a pair that teaches nothing) or a pair longer than `max_length` is set aside with its
+reason and counted.
 
 Every stage's output lives in `runs/<name>/stages/<stage>/` and counts once its `.complete` marker
-is written; `--resume` skips finished stages and a killed training stage continues from its last
-Ray Train checkpoint, so an interrupted run ends with the same numbers as an uninterrupted one.
+is written. The same command again skips finished stages and a killed training stage continues from
+its last Ray Train checkpoint, so an interrupted run ends with the same numbers as an uninterrupted
+one. The run folder holds the config and the prepare config it was started with: another of either
+is refused (w2s.runs.RunDir.claim).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 from pydantic import Field, model_validator
 
 from actors.model_host import ModelGroup
@@ -44,9 +47,10 @@ from actors.trainer import TrainConfig, train
 from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
                                   knowledge_transfer, plot_lines)
 from pipelines.prepare import PretrainStage, load_prepare, prepare, pretrained_base
-from w2s.config import StrictModel, offset_seeds
+from w2s.config import ConfigError, StrictModel, offset_seeds
 from w2s.metrics import gold_scores, knowledge_overlap, pgr
-from w2s.modeling import ModelSpec
+from w2s.data import RAW_SCHEMA, check_batch
+from w2s.modeling import ModelSpec, encode, load_tokenizer, resolve_max_length
 from w2s.runs import Cache, RunDir, markdown_table
 
 
@@ -71,6 +75,8 @@ class MACPOConfig(StrictModel):
     generation: GenerationConfig = GenerationConfig()
     eval_generation: GenerationConfig = GenerationConfig()
     score_batch_size: int = Field(64, ge=1)
+    max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS for every stage; "
+                                   "None: the models' positions")
     worker_cpus: float = Field(1.0, gt=0, description="CPUs each training worker reserves (CPU clusters); "
                                "below 1, a round's agents train side by side on a small machine")
     placement: Literal["SPREAD", "PACK"] = Field("SPREAD", description="agents' model hosts across the nodes "
@@ -91,10 +97,6 @@ class MACPOConfig(StrictModel):
         return self
 
 
-class RunExistsError(RuntimeError):
-    """A run folder with finished stages, reused without --resume (or with another config)."""
-
-
 def _log(msg: str) -> None:
     print(f"[macpo] {msg}", flush=True)
 
@@ -102,18 +104,14 @@ def _log(msg: str) -> None:
 class Stages:
     """The finished stages of one run: `<run>/stages/<name>/`, complete once `.complete` is written."""
 
-    def __init__(self, run: RunDir, config: MACPOConfig, resume: bool):
+    def __init__(self, run: RunDir, config: MACPOConfig, max_length: int):
+        """The stages of `run`, which must hold this config's run (RunDir.claim) or none yet."""
+        run.claim(config)  # stage folders are keyed by name only: they are this config's, or refused
         self.cache = Cache(run.path / "stages")  # stage folders by name: one run has one of each
         self.storage = (run.path / "ray_train").resolve()  # Ray Train checkpoints, for a killed stage
-        saved = run.path / "config.yaml"
-        started = self.cache.root.is_dir() and any(self.cache.root.iterdir())
-        if started and not resume:
-            raise RunExistsError(f"{run.path} holds a started run: add --resume to continue it, or pick "
-                                 "another run_name")
-        if resume and saved.is_file() and yaml.safe_load(saved.read_text()) != config.model_dump(mode="json"):
-            raise RunExistsError(f"{saved} differs from this config: --resume continues a run with its own config")
         self.cache.root.mkdir(parents=True, exist_ok=True)
         self.worker_cpus = config.worker_cpus
+        self.max_length = max_length
 
     def run(self, name: str, build) -> Path:
         """The stage's folder, built by `build(folder)` unless already complete."""
@@ -133,7 +131,7 @@ class Stages:
             def build(path: Path) -> None:
                 pq.write_table(table, path / "data.parquet")
                 summary = train(config, init_model, path / "data.parquet", path / "model", name, self.storage,
-                                cpus_per_worker=self.worker_cpus)
+                                self.max_length, cpus_per_worker=self.worker_cpus)
                 (path / "train_summary.json").write_text(json.dumps(summary))
 
             return self.run(name, build) / "model"
@@ -169,17 +167,22 @@ def _sft_table(prompts: list[str], responses: list[str]) -> pa.Table:
     return pa.table({"prompt": pa.array(prompts, pa.string()), "response": pa.array(responses, pa.string())})
 
 
-def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False, seed: int = 0) -> dict:
+def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0) -> dict:
     """One MACPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too)."""
     start = time.perf_counter()
     config = offset_seeds(config, seed)
-    stages = Stages(run, config, resume)
-    run.save_config(config)
-    prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed))
+    prepare_config = load_prepare(config.prepare, config.cache_dir, seed)
+    max_length = _max_length(config, prepare_config)
+    stages = Stages(run, config, max_length)
+    run.claim(prepare_config, "prepare.yaml")  # the prepare file can change between a kill and a rerun
+    prepared = prepare(prepare_config)
     run.link("data", prepared.data)
     pairs = [json.loads(line) for line in (prepared.data / "pairs.jsonl").read_text().splitlines()]
     half_a, half_b = split_halves(pairs)  # teachers learn from gold on A; the student sees only B
     teachers = [t.name for t in config.teachers]
+    eval_prompts = pq.read_table(prepared.data / "eval_prompts.parquet", columns=["prompt"])["prompt"].to_pylist()
+    check_room_to_generate(config, [p["prompt"] for p in pairs] + eval_prompts,
+                           load_tokenizer(prepared.models["strong_base"]), max_length)
 
     # -- initialisation
     agents: dict[str, Path] = {}
@@ -188,7 +191,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False, seed: int 
     for teacher in config.teachers:
         base = (prepared.models["weak_base"] if teacher.pretrain is None else
                 pretrained_base(Cache(config.cache_dir), prepared.world, prepared.world_key, prepared.data, teacher.pretrain,
-                                f"teacher_base_{teacher.name}"))
+                                f"teacher_base_{teacher.name}", max_length))
         init_jobs[f"init_{teacher.name}"] = (config.sft, base, _sft_table(prompts, [p["chosen"] for p in half_a]))
         init_jobs[f"init_{teacher.name}_negative"] = (config.sft, base,
                                                        _sft_table(prompts, [p["rejected"] for p in half_a]))
@@ -215,17 +218,18 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False, seed: int 
     history = [dict(agents)]  # the agents after each round; round 0 = initialisation
 
     # -- rounds
-    set_aside: dict[str, int] = {}
+    set_aside: dict[str, dict[str, int]] = {}  # round -> reason -> pairs
     pair_gold: dict[str, dict] = {}  # what each round's pairs teach, by the gold reward
     for r in range(1, config.rounds + 1):
         offset = (r - 1) * config.round_prompts
         chosen_rows = [half_b[(offset + i) % len(half_b)] for i in range(min(config.round_prompts, len(half_b)))]
         round_prompts = pa.table({"prompt": [p["prompt"] for p in chosen_rows]})
         pairs_dir = stages.run(f"round{r}_pairs", lambda path, r=r, round_prompts=round_prompts: _round_pairs(
-            config, agents, teachers, round_prompts, path))
+            config, agents, teachers, round_prompts, max_length, path))
         round_pairs = pq.read_table(pairs_dir / "pairs.parquet")
         run.write_examples(f"macpo_round{r}_pairs", round_pairs)
-        set_aside[str(r)] = pq.read_metadata(pairs_dir / "set_aside.parquet").num_rows
+        reasons = pq.read_table(pairs_dir / "set_aside.parquet", columns=["reason"])["reason"].to_pylist()
+        set_aside[str(r)] = {reason: reasons.count(reason) for reason in sorted(set(reasons))}
         pair_gold[str(r)] = pairs_gold_reward(prepared.world, round_pairs)
         round_jobs = {}
         for agent in ["student", *teachers]:
@@ -242,6 +246,36 @@ def run_macpo(config: MACPOConfig, run: RunDir, resume: bool = False, seed: int 
     run.update_metrics({"wall_seconds": {"macpo": round(time.perf_counter() - start, 1)},
                         "methods": {"macpo": {"stage_seconds": stages.cache.seconds, "stage_nodes": stages.placement()}}})
     return metrics
+
+
+def _max_length(config: MACPOConfig, prepare_config) -> int:
+    """The run's one max_length, checked against every model size before anything is built."""
+    sizes = {"prepare weak.size": prepare_config.weak.size.n_positions,
+             "prepare strong.size": prepare_config.strong.size.n_positions}
+    sizes.update({f"teacher {t.name} size": t.pretrain.size.n_positions for t in config.teachers if t.pretrain})
+    return resolve_max_length(config.max_length, sizes)
+
+
+def check_room_to_generate(config: MACPOConfig, prompts: list[str], tokenizer, max_length: int) -> None:
+    """Refuse, before any training, generation settings whose responses could not fit max_length."""
+    longest = max(len(ids) for ids in encode(tokenizer, prompts))
+    for name in ("generation", "eval_generation"):
+        new = getattr(config, name).max_new_tokens
+        if longest + new + 1 > max_length:
+            raise ConfigError(f"{name}.max_new_tokens {new}: the longest prompt ({longest} tokens) + {new} new tokens "
+                              f"+ EOS > max_length {max_length}; lower it or raise max_length")
+
+
+def check_pairs(rows: list[dict], tokenizer, max_length: int, source: str) -> tuple[list[dict], list[dict]]:
+    """Generated pairs through the check of user data (w2s.data.check_batch): (usable rows, rows set
+    aside with their `reason`: an empty response, chosen equal to rejected, too long)."""
+    raw = pa.table({"source": [source] * len(rows), "row": list(range(len(rows))),
+                    "raw": [json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) for r in rows]},
+                   schema=RAW_SCHEMA)
+    checked = check_batch(raw, tokenizer, max_length).to_pylist()
+    usable = [row for row, c in zip(rows, checked) if not c["error"]]
+    aside = [{**row, "reason": f"{c['error_field']}: {c['error']}"} for row, c in zip(rows, checked) if c["error"]]
+    return usable, aside
 
 
 def _specs(models: dict[str, Path]) -> dict[str, ModelSpec]:
@@ -266,8 +300,8 @@ def split_halves(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return halves
 
 
-def contrastive_pairs(generations: list[dict], candidates: list[dict], teachers: list[str]) -> tuple[list, list]:
-    """The round's DPO pairs, both ways, and the pairs set aside (chosen equals rejected).
+def contrastive_pairs(generations: list[dict], candidates: list[dict], teachers: list[str]) -> list[dict]:
+    """The round's DPO pairs, both ways (check_pairs then sets aside those that teach nothing).
 
     generations: one row per prompt with `<agent>_response` for every agent.
     candidates: one row per (prompt index `i`, `teacher`) with the teacher's positive `response`
@@ -287,9 +321,7 @@ def contrastive_pairs(generations: list[dict], candidates: list[dict], teachers:
                      "rejected": row["student_negative_response"], "chosen_from": best[i]["teacher"]})
         rows.extend({"agent": t, "prompt": row["prompt"], "chosen": row["student_response"],
                      "rejected": row[f"{t}_negative_response"], "chosen_from": "student"} for t in teachers)
-    usable = [r for r in rows if r["chosen"] != r["rejected"]]
-    aside = [{**r, "reason": "chosen equals rejected"} for r in rows if r["chosen"] == r["rejected"]]
-    return usable, aside
+    return rows
 
 
 def pairs_gold_reward(world, pairs: pa.Table) -> dict[str, dict]:
@@ -309,7 +341,7 @@ def pairs_gold_reward(world, pairs: pa.Table) -> dict[str, dict]:
 
 
 def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[str], prompts: pa.Table,
-                 path: Path) -> None:
+                 max_length: int, path: Path) -> None:
     """Generate with every agent, build the contrastive pairs both ways, score their references."""
     with ModelGroup(_specs(agents), strategy=config.placement) as group:
         (path / "placement.json").write_text(json.dumps(group.where()))
@@ -320,7 +352,8 @@ def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[st
                                            for i, row in enumerate(gen) for t in teachers])
         scored = score_by_host(candidates, group.hosts, "host", ("response",), "student_",
                                config.score_batch_size).to_pylist()
-        usable, aside = contrastive_pairs(gen, scored, teachers)
+        usable, aside = check_pairs(contrastive_pairs(gen, scored, teachers), load_tokenizer(agents["student"]),
+                                    max_length, f"{path.name}/pairs")
         table = pa.Table.from_pylist(usable)
         # DPO reference = each positive agent as it starts the round, scored once here
         table = score_by_host(table, group.hosts, "agent", ("chosen", "rejected"), "ref_", config.score_batch_size)
@@ -329,7 +362,7 @@ def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[st
     pq.write_table(pa.Table.from_pylist(aside, schema=pa.schema(
         [(k, pa.string()) for k in ("agent", "prompt", "chosen", "rejected", "chosen_from", "reason")])),
         path / "set_aside.parquet")
-    _log(f"{path.name}: {table.num_rows} pairs, {len(aside)} set aside (chosen equals rejected)")
+    _log(f"{path.name}: {table.num_rows} pairs, {len(aside)} set aside (empty, equal or too long)")
 
 
 def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list[str], set_aside: dict,
@@ -341,7 +374,7 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
         for agent in ["student", *teachers]:
             models[f"{agent}_r{r}"] = agents[agent]
     scores, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", models,
-                                        config.eval_generation, config.sft.max_length)
+                                        config.eval_generation)
     run.write_examples("eval_generations", generations)
     for name, path in models.items():
         run.link(f"checkpoints/{name}", path)
@@ -385,7 +418,9 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
         "Whose facts the student answers with (distinct held-out fact prompts; `only_strong_knew`: facts the strong "
         "base knows and the weak aligned model does not; `weak_answer_there`: the share where the student writes "
         "the weak aligned model's wrong answer word for word, 0.14 by chance):\n\n" + markdown_table(transfer),
-        "Pairs set aside per round (chosen equals rejected): " + ", ".join(f"round {r}: {n}" for r, n in set_aside.items()),
+        "Pairs set aside per round, by reason (the check user data gets: an empty response, chosen equal to "
+        "rejected, too long):\n\n" + "\n".join(f"- round {r}: " + (", ".join(f"{n} {reason}" for reason, n in reasons.items())
+                                           or "none") for r, reasons in set_aside.items()),
         "Example generations:\n\n" + examples_table(generations, ["naive_sft", f"student_r{len(history) - 1}",
                                                                   "strong_ceiling"]),
     ])

@@ -25,7 +25,7 @@ from actors.stages import score_preferences
 from actors.trainer import TrainConfig, train
 from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
 from w2s.config import StrictModel, load_config, offset_seeds
-from w2s.modeling import GPTSize, ModelSpec, init_gpt2
+from w2s.modeling import GPTSize, ModelSpec, init_gpt2, resolve_max_length, weights_fingerprint
 from w2s.runs import Cache, RunDir, content_hash, markdown_table
 from w2s.world import World, WorldConfig, build_tokenizer
 
@@ -47,6 +47,8 @@ class PrepareConfig(StrictModel):
     weak: PretrainStage
     strong: PretrainStage
     align: TrainConfig = Field(description="DPO on gold pairs: weak base -> weak aligned, strong base -> strong ceiling")
+    max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS for every stage (pretraining, "
+                                   "the gold pairs' check and scoring, DPO); None: the models' positions")
     score_batch_size: int = Field(64, ge=1)
     generation: GenerationConfig = GenerationConfig()
     seeds: list[int] = Field([0], min_length=1, description="run seeds: each shifts every `seed` of the config "
@@ -74,10 +76,17 @@ def load_prepare(path: str, cache_dir: str, seed: int = 0) -> PrepareConfig:
     return offset_seeds(load_config(PrepareConfig, path, [f"cache_dir={cache_dir}"]), seed)
 
 
+def max_length_of(config: PrepareConfig) -> int:
+    """The prepare job's one max_length, checked against both model sizes before anything is built."""
+    return resolve_max_length(config.max_length, {"weak.size": config.weak.size.n_positions,
+                                                  "strong.size": config.strong.size.n_positions})
+
+
 def pretrained_base(cache: Cache, world: World, world_key: str, data: Path, stage: PretrainStage, name: str,
-                    tensorboard_root: Path | None = None) -> Path:
-    """A GPT-2 of `stage.size` pretrained on a view of the world corpus (cached by world and stage config)."""
-    key = content_hash("pretrain-v1", world_key, stage)
+                    max_length: int, tensorboard_root: Path | None = None) -> Path:
+    """A GPT-2 of `stage.size` pretrained on a view of the world corpus (cached by world, stage config, max_length)."""
+    resolve_max_length(max_length, {f"{name} size": stage.size.n_positions})
+    key = content_hash("pretrain-v2", world_key, stage, max_length)
 
     def build(path: Path) -> None:
         corpus = data / "corpus.parquet"
@@ -86,7 +95,7 @@ def pretrained_base(cache: Cache, world: World, world_key: str, data: Path, stag
             pq.write_table(pa.table({"text": world.corpus(stage.corpus_view)}), corpus)
         init_gpt2(stage.size, build_tokenizer(), path / "init", stage.train.seed)
         train(stage.train, path / "init", corpus, path / "model", f"{name}-{key}",
-              cache.root / "ray_train", tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
+              cache.root / "ray_train", max_length, tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
 
     return cache.build(name, key, build, _log) / "model"
 
@@ -101,6 +110,7 @@ class Prepared:
 
 def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
     """Build (or reuse) the four models; when `run` is given, evaluate them and write the report."""
+    max_length = max_length_of(config)
     cache = Cache(config.cache_dir)
     world = World(config.world)
     storage = Path(config.cache_dir).resolve() / "ray_train"
@@ -120,26 +130,26 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
     models: dict[str, Path] = {}
     for side in ("weak", "strong"):
         models[f"{side}_base"] = pretrained_base(cache, world, world_key, data, getattr(config, side), f"{side}_base",
-                                                 run.path / "tensorboard" if run else None)
+                                                 max_length, run.path / "tensorboard" if run else None)
 
-    pairs_key = content_hash("pairs-v1", world_key, str(models["weak_base"]), str(models["strong_base"]))
+    fingerprints = {name: weights_fingerprint(path) for name, path in models.items()}
+    pairs_key = content_hash("pairs-v2", world_key, fingerprints, max_length)
 
     def build_scored(path: Path) -> None:
-        specs = {role: ModelSpec(path=str(models[role]), max_length=config.align.max_length)
-                 for role in ("weak_base", "strong_base")}
+        specs = {role: ModelSpec(path=str(models[role])) for role in ("weak_base", "strong_base")}
         with ModelGroup(specs) as group:
             result = score_preferences(data / "pairs.jsonl", group.hosts, path, tokenizer_path=str(models["weak_base"]),
-                                       max_length=config.align.max_length, batch_size=config.score_batch_size)
+                                       max_length=max_length, batch_size=config.score_batch_size)
         _log(f"scored {result.n_scored} gold pairs; {result.report}")
 
     scored = cache.build("scored_pairs", pairs_key, build_scored, _log) / "scored.parquet"
 
     for side, out_name in (("weak", "weak_aligned"), ("strong", "strong_ceiling")):
         base = f"{side}_base"
-        key = content_hash("dpo-v1", pairs_key, str(models[base]), config.align)
+        key = content_hash("dpo-v2", pairs_key, fingerprints[base], config.align, max_length)
 
         def build_aligned(path: Path, base=base, out_name=out_name, key=key) -> None:
-            train(config.align, models[base], scored, path / "model", f"{out_name}-{key}", storage,
+            train(config.align, models[base], scored, path / "model", f"{out_name}-{key}", storage, max_length,
                   tensorboard_dir=run.path / "tensorboard" / out_name if run else None, reference=base)
 
         models[out_name] = cache.build(out_name, key, build_aligned, _log) / "model"
@@ -151,7 +161,7 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
 
 def evaluate(config: PrepareConfig, world: World, prompts_path: Path, models: dict[str, Path], run: RunDir) -> dict:
     """Generate with every model on the held-out prompts, score with the gold reward, report."""
-    scores, generations = gold_evaluate(world, prompts_path, models, config.generation, config.align.max_length)
+    scores, generations = gold_evaluate(world, prompts_path, models, config.generation)
     run.write_examples("eval_generations", generations)
     for name, path in models.items():
         run.link(f"checkpoints/{name}", path)

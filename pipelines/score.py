@@ -11,7 +11,7 @@ from pydantic import Field
 from actors.model_host import ModelGroup
 from actors.stages import score_preferences
 from w2s.config import StrictModel
-from w2s.modeling import ModelSpec, load_tokenizer, same_tokenization
+from w2s.modeling import ModelSpec, load_tokenizer, model_positions, resolve_max_length, same_tokenization
 from w2s.runs import RunDir
 
 # Texts whose token ids every model must agree on before anything is scored.
@@ -28,7 +28,8 @@ class ScoreConfig(StrictModel):
     data: str = Field(description="preference data: JSONL, Parquet or a saved HF dataset")
     models: dict[str, ModelSpec] = Field(min_length=1, description="role -> checkpoint, e.g. weak_aligned, weak_base, strong")
     batch_size: int = Field(32, ge=1)
-    max_length: int = Field(512, ge=8, description="rows whose prompt+response is longer are set aside")
+    max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS: longer rows are set "
+                                   "aside; None: the models' positions")
     require_same_tokenizer: bool = True
 
 
@@ -46,10 +47,12 @@ def check_same_tokenizer(models: dict[str, ModelSpec]) -> None:
 def score(config: ScoreConfig, run: RunDir) -> dict:
     if config.require_same_tokenizer:
         check_same_tokenizer(config.models)
+    max_length = resolve_max_length(config.max_length, {role: model_positions(spec.path)
+                                                        for role, spec in config.models.items()})
     with ModelGroup(config.models) as group:
         first = next(iter(config.models.values())).path
         result = score_preferences(config.data, group.hosts, run.path / "examples", tokenizer_path=first,
-                                   max_length=config.max_length, batch_size=config.batch_size)
+                                   max_length=max_length, batch_size=config.batch_size)
     print(f"[score] scored {result.n_scored} rows -> {result.scored_path}\n[score] {result.report}", flush=True)
     return run.update_metrics({"scoring": {"data": config.data, "scored_rows": result.n_scored,
                                            "set_aside_rows": result.n_rejected}})

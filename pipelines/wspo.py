@@ -32,7 +32,7 @@ from pipelines.prepare import load_prepare, prepare
 from pipelines.score import check_same_tokenizer
 from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import pgr
-from w2s.modeling import ModelSpec
+from w2s.modeling import ModelSpec, model_positions, resolve_max_length, weights_fingerprint
 from w2s.runs import Cache, RunDir, content_hash, markdown_table
 
 REFERENCES = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")
@@ -54,6 +54,8 @@ class WSPOConfig(StrictModel):
     data: str | None = Field(None, description="your preference data (JSONL, Parquet or saved HF dataset)")
     responses: Literal["chosen", "rejected", "both"] = Field("chosen", description="which responses to train on")
     train: TrainConfig = TrainConfig(mode="wspo")
+    max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS: longer rows are set "
+                                   "aside before scoring; None: the models' positions")
     gamma_sweep: list[float] = Field([0.05, 0.1, 0.2, 0.5], description="more gammas to train and compare")
     score_batch_size: int = Field(64, ge=1)
     generation: GenerationConfig = GenerationConfig()
@@ -106,37 +108,39 @@ def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0) -> dict:
     """One WSPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too)."""
     start = time.perf_counter()
     config = offset_seeds(config, seed)
-    run.save_config(config)
+    run.claim(config)
     prepared = None
     if config.prepare is not None:
         _log(f"embedded world from {config.prepare} (cached models are reused)")
         prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed))
-        max_length = config.train.max_length
-        models = {"weak_aligned": ModelSpec(path=str(prepared.models["weak_aligned"]), max_length=max_length),
-                  "weak_base": ModelSpec(path=str(prepared.models["weak_base"]), max_length=max_length),
-                  "strong": ModelSpec(path=str(prepared.models["strong_base"]), max_length=max_length)}
+        models = {"weak_aligned": ModelSpec(path=str(prepared.models["weak_aligned"])),
+                  "weak_base": ModelSpec(path=str(prepared.models["weak_base"])),
+                  "strong": ModelSpec(path=str(prepared.models["strong_base"]))}
         data = str(prepared.data / "pairs.jsonl")
         run.link("data", prepared.data)
     else:
         models, data = config.models.model_dump(), config.data
         models = {role: ModelSpec(**spec) for role, spec in models.items()}
 
-    # All four models index the same token positions: refuse different tokenizers before scoring.
+    # All four models index the same token positions: refuse different tokenizers, or a max_length one
+    # cannot take, before scoring.
     check_same_tokenizer(models)
+    max_length = resolve_max_length(config.max_length, {role: model_positions(s.path) for role, s in models.items()})
+    fingerprints = {role: weights_fingerprint(spec.path) for role, spec in models.items()}
 
     cache = Cache(config.cache_dir)
     hosts = {"weak_aligned": models["weak_aligned"], "weak_base": models["weak_base"]}
     if not config.train.lora:  # with LoRA the policy computes its own reference (adapter disabled)
         hosts["strong_ref"] = models["strong"]
     sides = ("chosen", "rejected") if config.responses == "both" else (config.responses,)
-    scores_key = content_hash("wspo-scores-v1", {r: s.path for r, s in hosts.items()}, _data_fingerprint(data),
-                              config.train.max_length, sides)
+    scores_key = content_hash("wspo-scores-v2", {r: fingerprints[r.removesuffix("_ref")] for r in hosts},
+                              _data_fingerprint(data), max_length, sides)
 
     def build_scores(scores_dir: Path) -> None:
         _log(f"scoring {'+'.join(sides)} responses of {data} under {', '.join(hosts)} (Ray Data)")
         with ModelGroup(hosts) as group:
             result = score_preferences(data, group.hosts, scores_dir, tokenizer_path=models["strong"].path,
-                                       max_length=config.train.max_length, batch_size=config.score_batch_size,
+                                       max_length=max_length, batch_size=config.score_batch_size,
                                        responses=sides)
         _log(f"scored {result.n_scored} rows; {result.report}")
         pq.write_table(training_table(pq.read_table(result.scored_path), config.responses),
@@ -152,21 +156,26 @@ def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0) -> dict:
     summaries: dict[float, dict] = {}
     for gamma in config.gammas():
         stage = config.train.model_copy(update={"gamma": gamma})
-        key = content_hash("wspo-v2", scores_key, models["strong"].path, stage)
+        key = content_hash("wspo-v3", scores_key, fingerprints["strong"], stage, max_length)
 
         def build_model(path: Path) -> None:  # called right away by cache.build, inside this iteration
             summary = train(stage, models["strong"].path, train_data, path / "model", f"wspo-{key}", storage,
-                            tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}", reference="strong_ref")
+                            max_length, tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}",
+                            reference="strong_ref")
             (path / "train_summary.json").write_text(json.dumps(summary))
 
         path = cache.build("wspo", key, build_model, lambda msg: _log(f"gamma {gamma}, {msg}"))
         trained[gamma] = path / "model"
         summaries[gamma] = json.loads((path / "train_summary.json").read_text())
-        run.link(f"checkpoints/wspo_gamma_{gamma}", path / "model")
+        if prepared is None:  # trained from your checkpoints: a copy in the run folder, not only in the cache
+            run.keep(f"checkpoints/wspo_gamma_{gamma}", path / "model")
+        else:  # the embedded world's models are rebuilt from the config whenever the cache is gone
+            run.link(f"checkpoints/wspo_gamma_{gamma}", path / "model")
 
     section = {"gamma": config.train.gamma, "responses": config.responses, "lora": config.train.lora is not None,
                "train_rows": pq.read_metadata(train_data).num_rows, "set_aside_rows": rejected.num_rows,
-               "train_seconds": {str(g): round(s["seconds"], 1) for g, s in summaries.items()}}
+               "train_seconds": {str(g): round(s["seconds"], 1) for g, s in summaries.items()},
+               "train_data_use": {str(g): s["data"] for g, s in summaries.items()}}  # rows fed, repeated, unused
     if prepared is None:
         metrics = run.update_metrics({"methods": {"wspo": section}})
         run.write_report("WSPO", [f"Trained the strong model with WSPO on {data} ({section['train_rows']} "
@@ -189,7 +198,7 @@ def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summarie
     models = {name: prepared.models[name] for name in REFERENCES}
     models.update({_name(g): path for g, path in trained.items()})
     scores, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", models,
-                                        config.generation, config.train.max_length)
+                                        config.generation)
     run.write_examples("eval_generations", generations)
     weak, ceiling = scores["weak_aligned"]["total"], scores["strong_ceiling"]["total"]
     def last_batch(gamma: float) -> dict:  # the mechanism at work: amplification -> 1/gamma at the optimum

@@ -237,6 +237,46 @@ def test_length_limit_counts_eos_and_checks_chosen_first(tmp_path):
         load_pairs(path, max_length=6)
 
 
+def test_the_length_check_counts_what_training_and_scoring_tokenize(tmp_path):
+    """A tokenizer that adds a BOS of its own: the check counts prompt and response apart and without
+    special tokens, as tokenize_pairs does, so a row it keeps fits and a row it sets aside would not."""
+    from tokenizers import processors
+
+    from w2s.modeling import TooLongError, tokenize_pairs
+
+    tokenizer = char_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="[EOS] $A", special_tokens=[("[EOS]", 1)])
+    fits = {"prompt": "abc", "chosen": "de", "rejected": "fg"}  # 3 + 2 + EOS = 6: exactly max_length
+    over = {**fits, "chosen": "def"}  # 7
+    good, bad = load_pairs(write_jsonl(tmp_path / "d.jsonl", [fits, over]), tokenizer, max_length=6)
+    assert good.column("row").to_pylist() == [0]
+    assert bad.column("error").to_pylist() == ["too long: 7 tokens > max_length 6"]
+    assert tokenize_pairs(tokenizer, ["abc"], ["de"], max_length=6).input_ids.shape == (1, 6)
+    with pytest.raises(TooLongError, match="7 tokens > max_length 6"):  # never cut to fit
+        tokenize_pairs(tokenizer, ["abc"], ["def"], max_length=6)
+
+
+def test_a_prompt_that_leaves_no_room_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abcdef", "chosen": "g", "rejected": "h"}])
+    _, bad = load_pairs(path, char_tokenizer(), max_length=6)
+    assert bad.column("error").to_pylist() == [
+        "too long: the prompt alone takes 6 tokens, max_length 6 leaves no room for the response"]
+
+
+def test_special_token_text_in_a_field_is_text(tmp_path):
+    """`[EOS]` written in a response is five characters, not an end of sequence (nor `<|im_end|>` etc.)."""
+    from w2s.modeling import tokenize_pairs
+
+    tokenizer = char_tokenizer()
+    batch = tokenize_pairs(tokenizer, ["q: "], ["a[EOS]b"], max_length=32)
+    ids = batch.input_ids[0].tolist()
+    assert ids.count(tokenizer.eos_token_id) == 1 and ids[-1] == tokenizer.eos_token_id
+    assert len(ids) == 3 + 7 + 1
+    _, bad = load_pairs(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q: ", "chosen": "a[EOS]b", "rejected": "c"}]),
+                        tokenizer, max_length=10)
+    assert bad.column("error").to_pylist() == ["too long: 11 tokens > max_length 10"]
+
+
 def test_format_rejections_small_cases(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "c"}])
     _, bad = load_pairs(path)

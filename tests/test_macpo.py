@@ -3,8 +3,10 @@
 import pytest
 import yaml
 
-from pipelines.macpo import MACPOConfig, RunExistsError, Stages, contrastive_pairs, split_halves
-from w2s.runs import RunDir
+from pipelines.macpo import MACPOConfig, Stages, check_pairs, contrastive_pairs, split_halves
+from pipelines.prepare import load_prepare
+from w2s.runs import RunDir, RunExistsError
+from w2s.world import build_tokenizer
 
 ROOT_CONFIG = "configs/tiny_macpo.yaml"
 
@@ -29,7 +31,9 @@ def test_pairs_both_ways_with_selection_by_mean_student_log_prob():
         {"i": 1, "teacher": "ta", "response": " a1", "student_response_logps": [-2.0]},
         {"i": 1, "teacher": "tb", "response": " b1", "student_response_logps": [-0.5]},
     ]
-    usable, aside = contrastive_pairs(generations, candidates, ["ta", "tb"])
+    rows = contrastive_pairs(generations, candidates, ["ta", "tb"])
+    assert len(rows) == 2 * 3  # a student pair and one per teacher, for every prompt
+    usable, aside = check_pairs(rows, build_tokenizer(), max_length=96, source="round1_pairs")
     by = {(r["agent"], r["prompt"]): r for r in usable}
     assert by[("student", "p0")] == {"agent": "student", "prompt": "p0", "chosen": " b0", "rejected": " sn0",
                                      "chosen_from": "tb"}
@@ -37,9 +41,21 @@ def test_pairs_both_ways_with_selection_by_mean_student_log_prob():
     assert by[("ta", "p0")]["chosen"] == " s0" and by[("ta", "p0")]["rejected"] == " an0"
     assert by[("tb", "p1")]["chosen"] == " s1" and by[("tb", "p1")]["rejected"] == " bn1"
     # equal chosen and rejected teach nothing: set aside with the reason, not dropped
-    assert {(r["agent"], r["prompt"]) for r in aside} == {("tb", "p0"), ("student", "p1")}
-    assert all(r["reason"] == "chosen equals rejected" for r in aside)
-    assert len(usable) + len(aside) == 2 * 3
+    assert {(r["agent"], r["prompt"]): r["reason"] for r in aside} == {
+        ("tb", "p0"): "rejected: equal to chosen: the pair prefers nothing",
+        ("student", "p1"): "rejected: equal to chosen: the pair prefers nothing"}
+    assert len(usable) + len(aside) == len(rows)
+
+
+def test_generated_pairs_get_the_check_of_user_data():
+    """An empty generation or one too long for max_length is set aside with its reason, as a user's row would be."""
+    rows = [{"agent": "student", "prompt": "q: a?", "chosen": " red.", "rejected": "", "chosen_from": "ta"},
+            {"agent": "ta", "prompt": "q: a?", "chosen": " " + "x" * 40, "rejected": " red.", "chosen_from": "student"},
+            {"agent": "tb", "prompt": "q: a?", "chosen": " red.", "rejected": " blue.", "chosen_from": "student"}]
+    usable, aside = check_pairs(rows, build_tokenizer(), max_length=32, source="round2_pairs")
+    assert [r["agent"] for r in usable] == ["tb"]
+    assert [(r["agent"], r["reason"]) for r in aside] == [
+        ("student", "rejected: empty text"), ("ta", "chosen: too long: 47 tokens > max_length 32")]
 
 
 def test_halves_keep_the_share_of_every_prompt_kind():
@@ -70,21 +86,26 @@ def test_config_errors_name_the_field():
 def test_stages_skip_finished_work_and_guard_the_run(tmp_path):
     config = _config(runs_dir=str(tmp_path))
     run = RunDir(tmp_path, config.run_name)
-    stages = Stages(run, config, resume=False)
-    run.save_config(config)
+    stages = Stages(run, config, max_length=96)
     built = []
     stages.run("one", lambda path: built.append(path.name))
     with pytest.raises(ZeroDivisionError):  # a stage killed half-way leaves no marker...
         stages.run("two", lambda path: 1 / 0)
 
-    with pytest.raises(RunExistsError, match="add --resume"):
-        Stages(run, config, resume=False)
-    with pytest.raises(RunExistsError, match="differs from this config"):
-        Stages(run, config.model_copy(update={"rounds": 5}), resume=True)
-    resumed = Stages(run, config, resume=True)
+    with pytest.raises(RunExistsError, match="holds a run of another config .*add --overwrite"):
+        Stages(RunDir(tmp_path, config.run_name), config.model_copy(update={"rounds": 5}), max_length=96)
+    resumed = Stages(RunDir(tmp_path, config.run_name), config, max_length=96)  # the same config again continues
     resumed.run("one", lambda path: built.append("again"))  # finished: skipped
-    resumed.run("two", lambda path: built.append(path.name))  # ...so it runs again on resume
+    resumed.run("two", lambda path: built.append(path.name))  # ...so it runs again
     assert built == ["one", "two"]
+
+    # the prepare config a run was started with is part of it: changed between a kill and a rerun, refused
+    run.claim(load_prepare(config.prepare, config.cache_dir), "prepare.yaml")
+    with pytest.raises(RunExistsError, match="prepare.yaml differs"):
+        run.claim(load_prepare(config.prepare, config.cache_dir, seed=1), "prepare.yaml")
+    fresh = RunDir(tmp_path, config.run_name, fresh=True)  # --overwrite: the folder starts afresh
+    Stages(fresh, config.model_copy(update={"rounds": 5}), max_length=96)
+    assert not (fresh.path / "stages" / "one").exists()
 
 
 def test_pairs_are_judged_by_the_gold_reward_and_teacher_knowledge_overlaps():

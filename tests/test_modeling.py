@@ -63,3 +63,40 @@ def test_same_tokenization(checkpoints, tmp_path):
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(spec))
     assert not same_tokenization(a, AutoTokenizer.from_pretrained(tmp_path / "other"), ["q: zorb color?\na: red."])
+
+
+def test_max_length_is_the_models_positions_or_refused_above_them(checkpoints):
+    from w2s.modeling import model_positions, resolve_max_length
+
+    positions = {"weak": model_positions(checkpoints["weak"]), "strong": model_positions(checkpoints["strong"])}
+    assert positions == {"weak": 96, "strong": 96}  # GPTSize's n_positions, read from config.json
+    assert resolve_max_length(None, positions) == 96
+    assert resolve_max_length(64, positions) == 64
+    with pytest.raises(ModelLoadError, match=r"max_length 512 is more than weak can take \(96 positions\)"):
+        resolve_max_length(512, positions)
+
+
+def test_weights_fingerprint_follows_the_weights_not_the_path(checkpoints, tmp_path):
+    """A checkpoint retrained in place must not reuse what was keyed on its old weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from w2s.modeling import weights_fingerprint
+
+    copy = tmp_path / "weak"
+    shutil.copytree(checkpoints["weak"], copy)
+    assert weights_fingerprint(copy) == weights_fingerprint(checkpoints["weak"])  # same weights, another path
+    weights = load_file(copy / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    assert weights_fingerprint(copy) != weights_fingerprint(checkpoints["weak"])
+
+
+def test_generation_with_no_room_is_refused_not_crashed(checkpoints):
+    from w2s.modeling import TooLongError
+
+    model, tokenizer = load_model(ModelSpec(path=str(checkpoints["weak"])))
+    with pytest.raises(TooLongError, match=r"a prompt of 6 tokens \+ max_new_tokens 91 > the model's 96 positions"):
+        generate(model, tokenizer, ["q: a?", "q: ab?"], max_new_tokens=91, max_length=96)

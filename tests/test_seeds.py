@@ -16,7 +16,7 @@ class Config(StrictModel):
 
 def _run_one(config: Config, run: RunDir, seed: int) -> dict:
     config = offset_seeds(config, seed)
-    run.save_config(config)
+    run.claim(config)
     return run.update_metrics({"models": {"weak": {"total": 0.5 + config.seed / 10}}, "name": "toy"})
 
 

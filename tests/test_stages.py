@@ -1,6 +1,10 @@
 """The Ray Data scoring stage through real model-hosting actors on a local Ray cluster."""
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,8 +25,7 @@ GOOD = [
 
 @pytest.fixture(scope="module")
 def group(ray_local, checkpoints):
-    specs = {"weak": ModelSpec(path=str(checkpoints["weak"]), max_length=64),
-             "strong": ModelSpec(path=str(checkpoints["strong"]), max_length=64)}
+    specs = {"weak": ModelSpec(path=str(checkpoints["weak"])), "strong": ModelSpec(path=str(checkpoints["strong"]))}
     with ModelGroup(specs) as g:
         yield g
 
@@ -86,3 +89,58 @@ def test_generation_keeps_row_order(group):
     assert {"weak_response", "strong_response"} <= set(out.column_names)
 
 
+
+
+def _kill_host_when(group, role: str, started) -> threading.Thread:
+    """A thread that kill -9s `role`'s host process once `started()` is true (the stage has begun)."""
+    pid = next(w["pid"] for w in group.where() if w["role"] == role)
+
+    def kill():
+        deadline = time.time() + 60
+        while not started() and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+def test_a_host_killed_during_scoring_or_generation_restarts_and_the_numbers_are_the_same(group, checkpoints,
+                                                                                          tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({**GOOD[i % 2], "prompt": f"q: n{i} color?\na:"}) + "\n" for i in range(120)))
+    prompts = pa.table({"prompt": [f"q: n{i} color?\na:" for i in range(60)]})
+    kwargs = dict(tokenizer_path=str(checkpoints["weak"]), max_length=96, batch_size=4)
+    calm = pq.read_table(score_preferences(data, group.hosts, tmp_path / "calm", **kwargs).scored_path)
+    calm_text = generate_responses(prompts, group.hosts, max_new_tokens=6, batch_size=4)
+    before = {w["role"]: w["pid"] for w in group.where()}
+
+    killer = _kill_host_when(group, "strong", lambda: (tmp_path / "killed").exists())  # made as the stage starts
+    killed = pq.read_table(score_preferences(data, group.hosts, tmp_path / "killed", **kwargs).scored_path)
+    killer.join()
+    assert killed.equals(calm)
+    restarted = {w["role"]: w["pid"] for w in group.where()}
+    assert restarted["strong"] != before["strong"] and restarted["weak"] == before["weak"]
+
+    generating = threading.Event()
+    killer = _kill_host_when(group, "weak", generating.is_set)
+    generating.set()
+    assert generate_responses(prompts, group.hosts, max_new_tokens=6, batch_size=4).equals(calm_text)
+    killer.join()
+    assert {w["role"]: w["pid"] for w in group.where()}["weak"] != before["weak"]
+
+
+def test_a_host_that_cannot_start_gives_back_its_placement_group(ray_local, checkpoints, tmp_path):
+    import shutil
+
+    from ray.util import placement_group_table
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["weak"], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    before = {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+    with pytest.raises(Exception, match="model.safetensors|safetensors|header"):
+        ModelGroup({"weak": ModelSpec(path=str(checkpoints["weak"])), "broken": ModelSpec(path=str(broken))})
+    after = {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+    assert after == before  # nothing of the failed group is left reserved

@@ -70,7 +70,7 @@ def test_wspo_trainer_full_and_lora_amplify_the_weak_ratio(ray_local, checkpoint
     assert before == pytest.approx(weak_ratio**2) and ratio == pytest.approx(0.0, abs=1e-5)
 
     full = TrainConfig(mode="wspo", gamma=gamma, lr=1e-2, epochs=4, batch_size=8, num_workers=2, log_every=4)
-    summary = train(full, checkpoints["weak"], data, tmp_path / "full", "wspo-full", tmp_path / "storage",
+    summary = train(full, checkpoints["weak"], data, tmp_path / "full", "wspo-full", tmp_path / "storage", 96,
                     reference="strong_ref")
     assert summary["world_size"] == 2 and summary["steps"] == 4 * (32 // 16)
     assert summary["last"]["weak_log_ratio"] == pytest.approx(weak_ratio, abs=1e-5)
@@ -82,10 +82,10 @@ def test_wspo_trainer_full_and_lora_amplify_the_weak_ratio(ray_local, checkpoint
     lora_data = tmp_path / "lora.parquet"
     pq.write_table(pq.read_table(data).drop_columns(["strong_ref_logps"]), lora_data)
     with pytest.raises(ValueError, match=r"missing \['strong_ref_logps'\]"):
-        train(full, checkpoints["weak"], lora_data, tmp_path / "x", "x", tmp_path / "storage", reference="strong_ref")
+        train(full, checkpoints["weak"], lora_data, tmp_path / "x", "x", tmp_path / "storage", 96, reference="strong_ref")
     lora = full.model_copy(update={"lora": LoraSettings(r=4, alpha=8, target_modules=["c_attn", "c_fc"]),
                                    "lr": 5e-2, "epochs": 8})
-    train(lora, checkpoints["weak"], lora_data, tmp_path / "lora", "wspo-lora", tmp_path / "storage", reference="strong_ref")
+    train(lora, checkpoints["weak"], lora_data, tmp_path / "lora", "wspo-lora", tmp_path / "storage", 96, reference="strong_ref")
     assert (tmp_path / "lora" / "lora_adapter" / "adapter_config.json").is_file()
     after, ratio = _loss_and_ratio(tmp_path / "lora", data, gamma)
     assert after < 0.8 * before and ratio > 0.1, (before, after, ratio)
@@ -116,3 +116,79 @@ def test_wspo_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="every gamma must be > 0"):
         WSPOConfig(gamma_sweep=[0.1, 0.0])
     assert WSPOConfig(train=TrainConfig(mode="wspo", gamma=0.2), gamma_sweep=[0.5, 0.2, 0.05]).gammas() == [0.2, 0.05, 0.5]
+
+
+def test_wspo_on_your_own_models_keeps_them_in_the_run_folder(ray_local, checkpoints, tmp_path):
+    """Trained from a user's checkpoints, the model is copied into the run folder: `make clean` (the cache)
+    does not take it. The same config again reuses the cache; another max_length than the models take is refused."""
+    import shutil
+
+    from w2s.modeling import ModelLoadError
+
+    data = tmp_path / "prefs.jsonl"
+    rows = World(WorldConfig(n_entities=6, n_pair_prompts=32)).preference_pairs()
+    data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows))
+    config = WSPOConfig(prepare=None, data=str(data), cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"),
+                        models=WSPOModels(weak_aligned=ModelSpec(path=str(checkpoints["weak"])),
+                                          weak_base=ModelSpec(path=str(checkpoints["weak"])),
+                                          strong=ModelSpec(path=str(checkpoints["strong"]))),
+                        train=TrainConfig(mode="wspo", epochs=1, batch_size=8, num_workers=2), gamma_sweep=[])
+    with pytest.raises(ModelLoadError, match="max_length 200 is more than"):
+        run_wspo(config.model_copy(update={"max_length": 200}), RunDir(tmp_path / "refused", "wspo"))
+    assert not (tmp_path / "cache").exists()  # refused before anything was scored
+
+    metrics = run_wspo(config, RunDir(config.runs_dir, "wspo"))
+    assert metrics["methods"]["wspo"]["train_rows"] == len(rows)
+    kept = tmp_path / "runs" / "wspo" / "checkpoints" / "wspo_gamma_0.1"
+    assert kept.is_dir() and not kept.is_symlink()
+    shutil.rmtree(tmp_path / "cache")  # what `make clean` does
+    model, _ = load_model(ModelSpec(path=str(kept)))  # still there, and loads
+    assert model.config.n_layer == 2
+
+
+def test_wspo_killed_mid_training_continues_to_the_same_numbers(tiny_cache, tmp_path):
+    """kill -9 of `jobs.wspo` (driver, Ray and workers) once gamma 0.1 has a checkpoint; the same command again
+    resumes it and ends with the numbers of an uninterrupted run (in the tests' cache: built once, by whichever
+    test runs configs/tiny_wspo.yaml first)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env.pop("RAY_ADDRESS", None)
+
+    def command(cache: Path, runs: str) -> list[str]:
+        return [sys.executable, "-m", "jobs.wspo", "--config", "configs/tiny_wspo.yaml",
+                "--set", f"runs_dir={tmp_path / runs}", "--set", f"cache_dir={cache}"]
+
+    def finish(cache: Path, runs: str) -> str:
+        done = subprocess.run(command(cache, runs), cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return done.stdout + done.stderr
+
+    finish(tiny_cache, "calm")
+    cache = tmp_path / "cache"  # the same prepared world, without the WSPO models
+    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("wspo-*", "*.lock"))
+    with open(tmp_path / "killed.log", "w") as log:
+        job = subprocess.Popen(command(cache, "killed"), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.time() + 600
+    # a checkpoint Ray Train has recorded (the folder alone may be one it never registered)
+    while not list((cache / "ray_train").glob("wspo-*/checkpoint_manager_snapshot.json")):
+        assert job.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-4000:]
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    text = finish(cache, "killed")
+    assert "[train] resumed from step" in text and "weak_base: cached" in text
+
+    def numbers(runs: str) -> dict:
+        metrics = json.loads((tmp_path / runs / "tiny_wspo" / "metrics.json").read_text())
+        return {"models": metrics["models"], "sweep": metrics["methods"]["wspo"]["sweep"]}
+
+    assert numbers("killed") == numbers("calm")

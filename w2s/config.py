@@ -60,10 +60,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
 
 
-def dump_config(config: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-
-
 def offset_seeds(config: T, offset: int) -> T:
     """A copy of `config` with every `seed` field, at any depth, shifted by `offset`.
 

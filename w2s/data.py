@@ -174,7 +174,8 @@ def check_batch(batch: pa.Table, tokenizer=None, max_length: int | None = None) 
     A good row has `error_field == error == ""`. A bad row has empty texts, `error_field` naming the field
     (`"chosen"`, `"chosen[1].content"`, `"<row>"` for a record that is not a JSON object) and `error` saying why.
     With `tokenizer` and `max_length`, a pair whose `prompt + response` takes more than `max_length` tokens,
-    counting one for EOS, is an error on that response field.
+    counting one for EOS, is an error on that response field (tokenized as scoring and training do:
+    w2s.modeling.pair_ids).
     """
     if max_length is not None and tokenizer is None:
         raise ValueError("max_length needs a tokenizer to count tokens")
@@ -192,17 +193,21 @@ def check_batch(batch: pa.Table, tokenizer=None, max_length: int | None = None) 
 
 
 def _mark_too_long(out: dict[str, list], tokenizer, max_length: int) -> None:
+    from w2s.modeling import pair_ids  # the tokenization scoring and training use
+
     for field in ("chosen", "rejected"):
         good = [i for i, error in enumerate(out["error"]) if not error]  # so a row keeps its first error
         if not good:
             return
-        ids = tokenizer([out["prompt"][i] + out[field][i] for i in good])["input_ids"]
-        for i, token_ids in zip(good, ids):
-            length = len(token_ids) + 1  # + EOS, appended when training
+        ids = pair_ids(tokenizer, [out["prompt"][i] for i in good], [out[field][i] for i in good])
+        for i, (prompt_ids, response_ids) in zip(good, ids):
+            length = len(prompt_ids) + len(response_ids)  # EOS included
             if length > max_length:
                 out["prompt"][i] = out["chosen"][i] = out["rejected"][i] = ""
                 out["error_field"][i] = field
-                out["error"][i] = f"too long: {length} tokens > max_length {max_length}"
+                out["error"][i] = (f"too long: {length} tokens > max_length {max_length}" if len(prompt_ids) < max_length
+                                   else f"too long: the prompt alone takes {len(prompt_ids)} tokens, max_length "
+                                        f"{max_length} leaves no room for the response")
 
 
 def _normalise(raw: str | None, tokenizer) -> tuple[str, str, str]:

@@ -6,6 +6,7 @@ response tokens only and the log-softmax is computed in float32 even when the mo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,6 @@ class ModelSpec(StrictModel):
     path: str
     dtype: str = "float32"  # float32 on CPU (bf16 matmuls are hundreds of times slower there); bfloat16 on GPUs
     trust_remote_code: bool = False
-    max_length: int = 512
 
 
 class GPTSize(StrictModel):
@@ -86,11 +86,59 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu"):
     return model, tokenizer
 
 
+POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")  # what config.json calls the context size
+
+
+def model_positions(path: str | Path) -> int | None:
+    """How many token positions the checkpoint at `path` can take (None when its config does not say)."""
+    config = json.loads((check_model_path(path) / "config.json").read_text())
+    return next((int(config[f]) for f in POSITION_FIELDS if isinstance(config.get(f), int)), None)
+
+
+def resolve_max_length(max_length: int | None, positions: dict[str, int | None]) -> int:
+    """The one `max_length` of a job: as asked, or the fewest positions of its models when None.
+    `positions` maps each model (a path or a name) to what it can take; a `max_length` above any
+    of them is refused here, before any work starts."""
+    known = {name: n for name, n in positions.items() if n is not None}
+    if max_length is None:
+        if not known:
+            raise ModelLoadError("max_length: none of the models says how many positions it takes "
+                                 f"({', '.join(positions)}); set max_length")
+        return min(known.values())
+    too_small = {name: n for name, n in known.items() if n < max_length}
+    if too_small:
+        name, n = min(too_small.items(), key=lambda item: item[1])
+        raise ModelLoadError(f"max_length {max_length} is more than {name} can take ({n} positions); "
+                             f"set max_length to at most {n}, or leave it out to use the models' positions")
+    return max_length
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """A hash of a checkpoint's files (weights, config, tokenizer): a model retrained in place gets a new
+    one, so nothing keyed on it is reused stale. Reads every byte: about a second per GB."""
+    from w2s.runs import content_hash, file_hash
+
+    path = check_model_path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return content_hash([[str(f.relative_to(path)), file_hash(f)] for f in files])
+
+
 def same_tokenization(tokenizer_a, tokenizer_b, probes: list[str]) -> bool:
     """True when both tokenizers give the same ids for every probe text (and the same EOS)."""
     if tokenizer_a.eos_token_id != tokenizer_b.eos_token_id:
         return False
     return all(tokenizer_a(t)["input_ids"] == tokenizer_b(t)["input_ids"] for t in probes)
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of plain texts, the one tokenization of the project (the length check, scoring, training,
+    generation): no special tokens added, and none read out of the text, so a user's `<eos>` or
+    `<|im_end|>` is text, not an end of sequence."""
+    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+class TooLongError(ValueError):
+    """A row longer than max_length reached scoring or training: rows are checked (w2s.data) first."""
 
 
 @dataclass
@@ -100,19 +148,23 @@ class TokenizedBatch:
     response_mask: torch.Tensor  # [B, T] 1 where the token is a response token (EOS included)
 
 
-def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> TokenizedBatch:
-    """Tokenize prompt + response + EOS, right-padded, with a mask over the response tokens.
+def pair_ids(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + EOS) of each pair: tokenized apart, so the response mask is exact and
+    every model that shares the tokenizer sees the same token positions."""
+    eos = tokenizer.eos_token_id
+    return [(p, r + [eos]) for p, r in zip(encode(tokenizer, prompts), encode(tokenizer, responses), strict=True)]
 
-    Prompt and response are tokenized separately and concatenated, so the response mask is exact
-    and every model that shares the tokenizer sees the same token positions.
-    """
+
+def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> TokenizedBatch:
+    """Prompt + response + EOS, right-padded, with a mask over the response tokens. Never cuts a row:
+    one longer than `max_length` raises TooLongError."""
     rows, masks = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (p + r)[:max_length]
-        rows.append(ids)
-        masks.append(([0] * len(p) + [1] * len(r))[:max_length])
+    for i, (p, r) in enumerate(pair_ids(tokenizer, prompts, responses)):
+        if len(p) + len(r) > max_length:
+            raise TooLongError(f"row {i} of the batch: prompt + response + EOS take {len(p) + len(r)} tokens > "
+                               f"max_length {max_length}; check rows (w2s.data.check_batch) before scoring them")
+        rows.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -145,12 +197,18 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
-    """Generate a response for each prompt (greedy by default), decoded without special tokens."""
+             temperature: float = 1.0, top_k: int = 0, seed: int = 0, max_length: int | None = None) -> list[str]:
+    """Generate a response for each prompt (greedy by default), decoded without special tokens.
+    `max_length`: the positions the model takes; a prompt with no room for `max_new_tokens` is refused."""
     torch.manual_seed(seed)
+    ids = encode(tokenizer, prompts)
+    longest = max(map(len, ids))
+    if max_length is not None and longest + max_new_tokens > max_length:
+        raise TooLongError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} > the model's "
+                           f"{max_length} positions; lower max_new_tokens")
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models generate after the last real token
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     tokenizer.padding_side = side
     device = next(model.parameters()).device
     kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -2,29 +2,48 @@
 
 A run writes `runs/<run-name>/`: config.yaml (resolved), metrics.json, examples/*.parquet,
 checkpoints/ (links to the models it used or made), report.md (tables) and plots/*.png.
+
+The resume model, the same for every job: a run folder belongs to one config. The same command
+again continues it (finished stages are reused, a killed training stage resumes from its last Ray
+Train checkpoint); another config in the same folder is refused unless the job is told to start
+the folder afresh (`--overwrite`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from pydantic import BaseModel
 from tabulate import tabulate
 
-from w2s.config import dump_config
+
+class RunExistsError(RuntimeError):
+    """A run folder that holds a run of another config."""
 
 
 def content_hash(*parts) -> str:
     """A short stable hash of JSON-able parts (configs, parent hashes, code versions)."""
     blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    """A short hash of a file's bytes (data a stage was trained on)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 class Cache:
@@ -39,16 +58,30 @@ class Cache:
         return self.root / (f"{stage}-{key}" if key else stage)
 
     def build(self, stage: str, key: str, build: Callable[[Path], None], log: Callable[[str], None] = print) -> Path:
-        """The folder of (stage, key), made by `build(folder)` first unless it is complete."""
+        """The folder of (stage, key), made by `build(folder)` first unless it is complete.
+
+        Jobs that share the cache build a folder one at a time: the second waits on a file lock,
+        then finds the folder complete and reuses it.
+        """
         path = self.path(stage, key)
         if self.ready(stage, key):
             log(f"{stage}: cached ({path})")
             return path
-        log(f"{stage}: building ({path})")
-        start = time.perf_counter()
-        path.mkdir(parents=True, exist_ok=True)
-        build(path)
-        self.mark_ready(stage, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"{stage}: another job is building it; waiting ({path})")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.ready(stage, key):
+                log(f"{stage}: built by another job ({path})")
+                return path
+            log(f"{stage}: building ({path})")
+            start = time.perf_counter()
+            path.mkdir(parents=True, exist_ok=True)
+            build(path)
+            self.mark_ready(stage, key)
         self.seconds[stage] = round(time.perf_counter() - start, 1)
         log(f"{stage}: done in {self.seconds[stage]:.0f}s")
         return path
@@ -61,13 +94,22 @@ class Cache:
 
 
 class RunDir:
-    def __init__(self, runs_dir: str | Path, name: str):
+    def __init__(self, runs_dir: str | Path, name: str, fresh: bool = False):
+        """`fresh`: empty the folder first (a job's --overwrite)."""
         self.path = Path(runs_dir) / name
+        if fresh and self.path.is_dir():
+            shutil.rmtree(self.path)
         for sub in ("examples", "checkpoints", "plots"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
 
-    def save_config(self, config: BaseModel) -> None:
-        dump_config(config, self.path / "config.yaml")
+    def claim(self, config: BaseModel, name: str = "config.yaml") -> None:
+        """Record `config` as this run's (`name`: config.yaml, or another config the run depends on).
+        The same config again continues the run; another one is refused with RunExistsError."""
+        file, wanted = self.path / name, config.model_dump(mode="json")
+        if file.is_file() and yaml.safe_load(file.read_text()) != wanted:
+            raise RunExistsError(f"{self.path} holds a run of another config ({file} differs): pick another "
+                                 "run_name, or add --overwrite to start this folder afresh")
+        file.write_text(yaml.safe_dump(wanted, sort_keys=False))
 
     def metrics(self) -> dict:
         file = self.path / "metrics.json"
@@ -102,6 +144,19 @@ class RunDir:
         elif link.exists():  # a real file or folder: not ours to replace
             raise FileExistsError(f"{link} exists and is not a link this run made: move it, or pick another run_name")
         os.symlink(Path(target).resolve(), link)
+
+    def keep(self, name: str, source: str | Path) -> None:
+        """A copy in the run folder of a model trained from the user's own checkpoints: it outlives the
+        cache (`make clean`). Replaces this run's earlier link or copy of the same name."""
+        path = self.path / name
+        if path.is_symlink():
+            path.unlink()
+        staging = path.with_name(path.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
 
     def write_report(self, title: str, sections: list[str]) -> Path:
         path = self.path / "report.md"

@@ -1,0 +1,46 @@
+"""Run folders and the content-hash cache: one builder at a time, one config per run folder."""
+
+import multiprocessing
+import time
+
+import pytest
+from pydantic import BaseModel
+
+from w2s.runs import Cache, RunDir, RunExistsError
+
+
+def _build_slowly(root: str, log: str) -> str:
+    def build(path):
+        with open(log, "a") as f:
+            f.write("start\n")
+        time.sleep(1.0)  # long enough for the other job to arrive while this one builds
+        (path / "model.bin").write_text("weights")
+        with open(log, "a") as f:
+            f.write("end\n")
+
+    return str(Cache(root).build("model", "abc", build, log=lambda msg: None))
+
+
+def test_two_jobs_on_one_cache_build_a_stage_once(tmp_path):
+    """`make demo` and `make wspo` side by side: the second waits for the first and reuses its folder."""
+    log = tmp_path / "builds.log"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        paths = pool.starmap(_build_slowly, [(str(tmp_path / "cache"), str(log))] * 2)
+    assert paths[0] == paths[1]
+    assert log.read_text() == "start\nend\n"  # one build, never two interleaved in one folder
+
+
+class _Config(BaseModel):
+    lr: float
+
+
+def test_a_run_folder_belongs_to_one_config(tmp_path):
+    run = RunDir(tmp_path, "run")
+    run.claim(_Config(lr=0.1))
+    run.claim(_Config(lr=0.1))  # the same config again continues
+    (run.path / "metrics.json").write_text("{}")
+    with pytest.raises(RunExistsError, match="holds a run of another config"):
+        RunDir(tmp_path, "run").claim(_Config(lr=0.2))
+    fresh = RunDir(tmp_path, "run", fresh=True)  # --overwrite
+    fresh.claim(_Config(lr=0.2))
+    assert not (fresh.path / "metrics.json").exists()
