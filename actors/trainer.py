@@ -232,6 +232,25 @@ def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
     return engine, scheduler
 
 
+def _report_finished(checkpoint, rank: int) -> bool:
+    """True, after reporting it again, when the checkpoint to resume from is a run's final one: the job was
+    stopped after training had ended and before train() took the model out of it."""
+    import ray.train
+
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as ckpt:
+        if not os.path.isfile(os.path.join(ckpt, "train_summary.json")):
+            return False
+        with open(os.path.join(ckpt, "train_summary.json")) as f:
+            summary = json.load(f)
+        if rank == 0:
+            print(f"[train] resumed from step {summary['steps']}: training had ended", flush=True)
+        ray.train.report({"step": summary["steps"], "done": True, **summary["last"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(ckpt) if rank == 0 else None)
+    return True
+
+
 def _train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray
@@ -244,6 +263,8 @@ def _train_loop(loop_config: dict) -> None:
     config = TrainConfig(**loop_config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if _report_finished(ray.train.get_checkpoint(), rank):
+        return
     torch.manual_seed(config.seed)
     on_gpu = torch.cuda.is_available() and bool(loop_config["use_gpu"])
     if not on_gpu:  # gradients' reductions split by thread count: the same config, the same threads, on any machine

@@ -54,6 +54,13 @@ def test_dpo_with_sft_term_on_two_zero3_workers(ray_local, checkpoints, tmp_path
     assert sum(m > 0 for m in margins) / len(margins) > 0.8  # the policy now prefers the chosen responses
     assert list((tmp_path / "tb").iterdir())  # TensorBoard events written
 
+    # stopped after its last report, before the model was taken out: the same call again trains nothing
+    again = train(config, checkpoints["weak"], data, tmp_path / "aligned_again", "dpo-test", tmp_path / "storage", 96,
+                  reference="base")
+    assert again["seconds"] == summary["seconds"]  # the final checkpoint's own summary: no step was run again
+    assert ((tmp_path / "aligned_again" / "model.safetensors").read_bytes()
+            == (tmp_path / "aligned" / "model.safetensors").read_bytes())
+
 
 def test_every_row_is_trained_on_each_epoch_and_the_repeats_are_counted():
     """The step stream of all ranks against data_use's counts: 250 rows in steps of 2 x 8 used to lose 10 an epoch."""
