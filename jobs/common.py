@@ -138,7 +138,8 @@ def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Calla
         print()
         for heading, rows in shown:
             print(f"{heading}\n\n{markdown_table(rows)}\n")
-        print(f"run folder: {run.path}  (report.md, metrics.json, job.log)  wall time {time.perf_counter() - start:.0f}s")
+        print(f"run folder: {run.path}  (report.md, metrics.json, job.log)  "
+              f"wall time {time.perf_counter() - start:.0f}s")
     return metrics
 
 

@@ -419,8 +419,9 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
         "base knows and the weak aligned model does not; `weak_answer_there`: the share where the student writes "
         "the weak aligned model's wrong answer word for word, 0.14 by chance):\n\n" + markdown_table(transfer),
         "Pairs set aside per round, by reason (the check user data gets: an empty response, chosen equal to "
-        "rejected, too long):\n\n" + "\n".join(f"- round {r}: " + (", ".join(f"{n} {reason}" for reason, n in reasons.items())
-                                           or "none") for r, reasons in set_aside.items()),
+        "rejected, too long):\n\n" + "\n".join(
+            f"- round {r}: " + (", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "none")
+            for r, reasons in set_aside.items()),
         "Example generations:\n\n" + examples_table(generations, ["naive_sft", f"student_r{len(history) - 1}",
                                                                   "strong_ceiling"]),
     ])

@@ -47,8 +47,8 @@ class PrepareConfig(StrictModel):
     weak: PretrainStage
     strong: PretrainStage
     align: TrainConfig = Field(description="DPO on gold pairs: weak base -> weak aligned, strong base -> strong ceiling")
-    max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS for every stage (pretraining, "
-                                   "the gold pairs' check and scoring, DPO); None: the models' positions")
+    max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS for every stage "
+                                   "(pretraining, the gold pairs' check and scoring, DPO); None: the models' positions")
     score_batch_size: int = Field(64, ge=1)
     generation: GenerationConfig = GenerationConfig()
     seeds: list[int] = Field([0], min_length=1, description="run seeds: each shifts every `seed` of the config "
@@ -95,7 +95,8 @@ def pretrained_base(cache: Cache, world: World, world_key: str, data: Path, stag
             pq.write_table(pa.table({"text": world.corpus(stage.corpus_view)}), corpus)
         init_gpt2(stage.size, build_tokenizer(), path / "init", stage.train.seed)
         train(stage.train, path / "init", corpus, path / "model", f"{name}-{key}",
-              cache.root / "ray_train", max_length, tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
+              cache.root / "ray_train", max_length,
+              tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
 
     return cache.build(name, key, build, _log) / "model"
 

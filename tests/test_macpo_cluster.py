@@ -123,8 +123,8 @@ def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cach
     first_log = work / "killed_first.log"
     first = _start(_command(work, tiny_cache, "killed"), first_log)
     # a checkpoint Ray Train has recorded (a checkpoint folder alone may be one it never registered)
-    _wait_for("a checkpoint of init_student", lambda: (checkpoints / "init_student/checkpoint_manager_snapshot.json").is_file(),
-              first, first_log)
+    _wait_for("a checkpoint of init_student",
+              lambda: (checkpoints / "init_student" / "checkpoint_manager_snapshot.json").is_file(), first, first_log)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert (stages / "init_weak_a" / ".complete").is_file()

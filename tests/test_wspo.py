@@ -82,10 +82,12 @@ def test_wspo_trainer_full_and_lora_amplify_the_weak_ratio(ray_local, checkpoint
     lora_data = tmp_path / "lora.parquet"
     pq.write_table(pq.read_table(data).drop_columns(["strong_ref_logps"]), lora_data)
     with pytest.raises(ValueError, match=r"missing \['strong_ref_logps'\]"):
-        train(full, checkpoints["weak"], lora_data, tmp_path / "x", "x", tmp_path / "storage", 96, reference="strong_ref")
+        train(full, checkpoints["weak"], lora_data, tmp_path / "x", "x", tmp_path / "storage", 96,
+              reference="strong_ref")
     lora = full.model_copy(update={"lora": LoraSettings(r=4, alpha=8, target_modules=["c_attn", "c_fc"]),
                                    "lr": 5e-2, "epochs": 8})
-    train(lora, checkpoints["weak"], lora_data, tmp_path / "lora", "wspo-lora", tmp_path / "storage", 96, reference="strong_ref")
+    train(lora, checkpoints["weak"], lora_data, tmp_path / "lora", "wspo-lora", tmp_path / "storage", 96,
+          reference="strong_ref")
     assert (tmp_path / "lora" / "lora_adapter" / "adapter_config.json").is_file()
     after, ratio = _loss_and_ratio(tmp_path / "lora", data, gamma)
     assert after < 0.8 * before and ratio > 0.1, (before, after, ratio)
