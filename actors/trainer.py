@@ -96,9 +96,7 @@ def _batches(rows: list[dict], config: TrainConfig, rank: int, world: int):
     Every row is trained on each epoch: the epoch's last step, when the rows do not fill it, is topped
     up from the start of that epoch's order (`data_use` counts those repeats for the summary).
     """
-    per_step = config.batch_size * world
-    steps_per_epoch = math.ceil(len(rows) / per_step)
-    total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    per_step, steps_per_epoch, total = _schedule(len(rows), config, world)
     for step in range(total):
         epoch, within = divmod(step, steps_per_epoch)
         order = list(range(len(rows)))
@@ -107,12 +105,17 @@ def _batches(rows: list[dict], config: TrainConfig, rank: int, world: int):
         yield step, total, [rows[order[(start + k) % len(order)]] for k in range(config.batch_size)]
 
 
+def _schedule(n_rows: int, config: TrainConfig, world: int) -> tuple[int, int, int]:
+    """(rows per step over all workers, steps per epoch, total steps) of a run on `n_rows` rows."""
+    per_step = config.batch_size * world
+    steps_per_epoch = math.ceil(n_rows / per_step)
+    return per_step, steps_per_epoch, max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
 def data_use(n_rows: int, config: TrainConfig, world: int) -> dict:
     """What one run does with `n_rows` rows: steps, rows fed, rows repeated to fill the last step of an
     epoch, and rows never trained on (only when `epochs` ends part-way through an epoch)."""
-    per_step = config.batch_size * world
-    steps_per_epoch = math.ceil(n_rows / per_step)
-    total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    per_step, steps_per_epoch, total = _schedule(n_rows, config, world)
     full_epochs, last_steps = divmod(total, steps_per_epoch)
     fed = total * per_step
     seen = n_rows if full_epochs else min(n_rows, last_steps * per_step)

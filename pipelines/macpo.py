@@ -46,7 +46,7 @@ from actors.stages import generate_responses, score_by_host
 from actors.trainer import TrainConfig, train
 from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
                                   knowledge_transfer, plot_lines)
-from pipelines.prepare import PretrainStage, load_prepare, prepare, pretrained_base
+from pipelines.prepare import PretrainStage, load_prepare, model_positions_of, prepare, pretrained_base
 from w2s.config import ConfigError, StrictModel, offset_seeds
 from w2s.metrics import gold_scores, knowledge_overlap, pgr
 from w2s.data import RAW_SCHEMA, check_batch
@@ -250,8 +250,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0) -> dict:
 
 def _max_length(config: MACPOConfig, prepare_config) -> int:
     """The run's one max_length, checked against every model size before anything is built."""
-    sizes = {"prepare weak.size": prepare_config.weak.size.n_positions,
-             "prepare strong.size": prepare_config.strong.size.n_positions}
+    sizes = {f"prepare {field}": n for field, n in model_positions_of(prepare_config).items()}
     sizes.update({f"teacher {t.name} size": t.pretrain.size.n_positions for t in config.teachers if t.pretrain})
     return resolve_max_length(config.max_length, sizes)
 

@@ -76,10 +76,14 @@ def load_prepare(path: str, cache_dir: str, seed: int = 0) -> PrepareConfig:
     return offset_seeds(load_config(PrepareConfig, path, [f"cache_dir={cache_dir}"]), seed)
 
 
+def model_positions_of(config: PrepareConfig) -> dict[str, int]:
+    """The positions each prepared model will take, by the config field that sets them."""
+    return {"weak.size": config.weak.size.n_positions, "strong.size": config.strong.size.n_positions}
+
+
 def max_length_of(config: PrepareConfig) -> int:
     """The prepare job's one max_length, checked against both model sizes before anything is built."""
-    return resolve_max_length(config.max_length, {"weak.size": config.weak.size.n_positions,
-                                                  "strong.size": config.strong.size.n_positions})
+    return resolve_max_length(config.max_length, model_positions_of(config))
 
 
 def pretrained_base(cache: Cache, world: World, world_key: str, data: Path, stage: PretrainStage, name: str,
