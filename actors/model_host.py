@@ -1,104 +1,163 @@
-"""Model-hosting actors and the group that places them.
+"""Model-hosting actors, started once per job and shared by its stages.
 
-Each model (weak aligned, weak base, strong...) lives in its own `ModelHost` actor. `ModelGroup`
-reserves one placement-group bundle per model, a whole GPU each when the cluster has GPUs, so
-what runs where is decided in one place. On a CPU-only machine the bundles hold a share of the
-CPUs instead; the code path is the same.
+A `ModelHost` holds one causal LM at a time and answers batched log-prob and generation calls. Every
+call names the model it is for (path, dtype, and a fingerprint of the weights): a host that holds
+another one loads it in place first. So a host restarted by Ray after a crash, which comes back
+empty, loads what the retried call asks for, and the stage goes on with the same numbers.
+
+`HostPool` is the one place that decides what runs where: a bounded number of hosts, started on
+first use and kept for the whole job; a stage asks for `{role: model}` and gets a host per distinct
+model, reusing a host that already holds it (roles whose weights are the same share one host).
+On a GPU cluster each host takes a whole GPU; on a CPU-only one hosts reserve no CPU (they compute
+only while the job's training workers wait for them) and run a fixed number of torch threads.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import os
+from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from w2s.modeling import ModelSpec, check_model_path
+from w2s.modeling import ModelSpec, check_model_path, weights_fingerprint
 
 
-# A host killed mid-stage (a node lost, OOM) is restarted by Ray, which reloads its model, and the
-# calls it had not answered are sent again: the stage goes on with the same numbers.
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ModelHost:
-    """One causal LM, loaded once, answering batched log-prob and generation calls."""
+    """One causal LM at a time, loaded when a call names another one."""
 
-    def __init__(self, role: str, spec: dict):
+    def __init__(self, threads: int):
         import torch
 
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(threads)  # forward passes give the same numbers at any thread count (measured)
+        self.model = self.tokenizer = self.held = None
+
+    def _use(self, model: dict) -> None:
         from w2s.modeling import load_model, model_positions
 
-        self.role = role
-        self.spec = ModelSpec(**spec)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_model(self.spec, self.device)
-        # rows come checked against the job's max_length (at most this); a longer one is an error, never cut
-        self.positions = model_positions(self.spec.path) or self.tokenizer.model_max_length
+        if model != self.held:
+            self.model = self.tokenizer = self.held = None
+            gc.collect()
+            spec = ModelSpec(**{k: v for k, v in model.items() if k != "fingerprint"})
+            self.model, self.tokenizer = load_model(spec, self.device)
+            # rows come checked against the job's max_length (at most this); a longer one is an error, never cut
+            self.positions = model_positions(spec.path) or self.tokenizer.model_max_length
+            self.held = model
 
-    def logprobs(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
+    def load(self, model: dict) -> dict:
+        self._use(model)
+        return self.where()
+
+    def logprobs(self, model: dict, prompts: list[str], responses: list[str]):
+        """Per-token log-probs of each response (EOS included), as an Arrow list<float32> array."""
+        import pyarrow as pa
+
         from w2s.modeling import response_logprobs
 
-        return response_logprobs(self.model, self.tokenizer, prompts, responses, self.positions)
+        self._use(model)
+        rows = response_logprobs(self.model, self.tokenizer, prompts, responses, self.positions)
+        return pa.array(rows, pa.list_(pa.float32()))
 
-    def generate(self, prompts: list[str], max_new_tokens: int, do_sample: bool = False,
+    def generate(self, model: dict, prompts: list[str], max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
         from w2s.modeling import generate
 
+        self._use(model)
         return generate(self.model, self.tokenizer, prompts, max_new_tokens, do_sample, temperature, top_k, seed,
                         self.positions)
 
     def where(self) -> dict:
-        import os
+        import torch
 
-        return {"role": self.role, "node_id": ray.get_runtime_context().get_node_id(), "device": self.device,
-                "pid": os.getpid()}
+        return {"model": self.held["path"] if self.held else None, "device": self.device, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads()}
 
 
-class ModelGroup:
-    """A placement group with one bundle per model and a `ModelHost` in each.
+@dataclass(frozen=True)
+class HostRef:
+    """A stage's handle on one model: the host that holds it and the model every call names."""
 
-    gpus_per_model: None = 1 when the cluster has GPUs, else 0.
-    cpus_per_model: None = 1 on GPUs; on CPUs an equal share of all but one CPU, so that the Ray
-    Data tasks that feed the hosts always have a CPU to run on.
+    actor: object  # ray.actor.ActorHandle
+    model: dict  # ModelSpec fields + the weights' fingerprint
+
+    def logprobs(self, prompts: list[str], responses: list[str]):
+        return self.actor.logprobs.remote(self.model, prompts, responses)
+
+    def generate(self, prompts: list[str], **generation):
+        return self.actor.generate.remote(self.model, prompts, **generation)
+
+
+class HostPool:
+    """At most `max_hosts` model hosts for a whole job, each holding the model a stage last asked it for.
+
+    placement: "PACK" lets Ray place hosts where it likes; "SPREAD" spreads them over the nodes.
     """
 
-    def __init__(self, specs: dict[str, ModelSpec], gpus_per_model: float | None = None,
-                 cpus_per_model: float | None = None, strategy: str = "PACK"):
-        # Fail before reserving anything; actors get absolute paths (their working directory differs).
-        specs = {role: spec.model_copy(update={"path": str(check_model_path(spec.path).resolve())})
-                 for role, spec in specs.items()}
-        resources = ray.cluster_resources()
-        gpus = gpus_per_model if gpus_per_model is not None else (1 if resources.get("GPU", 0) >= 1 else 0)
-        if cpus_per_model is None:
-            # rounded down: rounding 1/6 up to 0.17 would leave 0.98 CPU free, and Ray Data would wait forever
-            cpus_per_model = 1 if gpus else max(0.05, math.floor(100 * (resources.get("CPU", 1) - 1) / len(specs)) / 100)
-        bundle = {"CPU": cpus_per_model, **({"GPU": gpus} if gpus else {})}
-        self.placement = placement_group([dict(bundle) for _ in specs], strategy=strategy)
-        self.hosts = {}
-        try:
-            ray.get(self.placement.ready(), timeout=600)
-            self.hosts = {
-                role: ModelHost.options(
-                    num_cpus=cpus_per_model, num_gpus=gpus,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
-                ).remote(role, spec.model_dump())
-                for i, (role, spec) in enumerate(specs.items())
-            }
-            ray.get([h.where.remote() for h in self.hosts.values()])  # surface load errors here
-        except BaseException:  # a host that cannot start must not keep the cluster's resources reserved
-            self.shutdown()
-            raise
+    def __init__(self, max_hosts: int = 8, placement: str = "PACK"):
+        self.max_hosts, self.placement = max_hosts, placement
+        self._actors: list = []
+        self._held: dict[int, dict] = {}  # actor index -> the model it holds (or last loaded)
+        self._fingerprints: dict[tuple, str] = {}  # (path, size, mtime of its files) -> weights fingerprint
 
-    def where(self) -> list[dict]:
-        return ray.get([h.where.remote() for h in self.hosts.values()])
+    def hosts(self, models: dict[str, ModelSpec]) -> dict[str, HostRef]:
+        """A host for every role of `models`, each loaded with its model; roles with the same weights share
+        one host, and a model a host already holds stays where it is (no reload)."""
+        wanted = {role: self._described(spec) for role, spec in models.items()}
+        canonical: dict[tuple, dict] = {}  # one description per distinct model: the one a host holds, if any
+        for model in wanted.values():
+            held = next((h for h in self._held.values() if _key(h) == _key(model)), None)
+            canonical.setdefault(_key(model), held or model)
+        if len(canonical) > self.max_hosts:
+            raise ValueError(f"a stage needs {len(canonical)} models at once, more than the job's {self.max_hosts} "
+                             "model hosts: raise max_hosts")
+        placed = {key: i for i, h in self._held.items() for key in canonical if _key(h) == key}
+        for key, model in canonical.items():
+            if key not in placed:
+                free = [i for i in range(len(self._actors)) if i not in placed.values()]
+                placed[key] = free[0] if free else self._start()
+                self._held[placed[key]] = model
+        # load everything at once (hosts work in parallel); a model that cannot load fails here
+        ray.get([self._actors[placed[key]].load.remote(model) for key, model in canonical.items()])
+        return {role: HostRef(self._actors[placed[_key(m)]], canonical[_key(m)]) for role, m in wanted.items()}
+
+    def identity(self, spec: ModelSpec) -> tuple:
+        """What makes two specs one model for a host: their weights (by content) and how they are loaded."""
+        return _key(self._described(spec))
+
+    def _described(self, spec: ModelSpec) -> dict:
+        """The model as hosts are told it: absolute path (their working directory differs) and fingerprint."""
+        path = check_model_path(spec.path).resolve()
+        files = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
+        stamp = (str(path), tuple(files))
+        if stamp not in self._fingerprints:  # hashing reads every byte: once per version of the files
+            self._fingerprints[stamp] = weights_fingerprint(path)
+        return {**spec.model_dump(), "path": str(path), "fingerprint": self._fingerprints[stamp]}
+
+    def _start(self) -> int:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        nodes = max(1, len([n for n in ray.nodes() if n["Alive"]]))
+        threads = max(1, math.floor(ray.cluster_resources().get("CPU", 1) / nodes / self.max_hosts))
+        actor = ModelHost.options(num_cpus=0, num_gpus=gpus,
+                                  scheduling_strategy="SPREAD" if self.placement == "SPREAD" else "DEFAULT"
+                                  ).remote(threads)
+        self._actors.append(actor)
+        return len(self._actors) - 1
+
+    def where(self, refs: dict[str, HostRef] | None = None) -> list[dict]:
+        """Where each host runs and what it holds (only those of `refs`, when given)."""
+        actors = list({id(r.actor): r.actor for r in refs.values()}.values()) if refs else self._actors
+        return ray.get([a.where.remote() for a in actors])
 
     def shutdown(self) -> None:
-        for host in self.hosts.values():
-            ray.kill(host)
-        remove_placement_group(self.placement)
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors, self._held = [], {}
 
-    def __enter__(self) -> "ModelGroup":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+def _key(model: dict) -> tuple:
+    """What makes two models the same for a host: their weights and how they are loaded."""
+    return (model["fingerprint"], model["dtype"], model["trust_remote_code"])

@@ -1,9 +1,10 @@
-"""The one trainer of the project: Ray Train workers running DeepSpeed ZeRO-3.
+"""The one trainer of the project: Ray Train workers running DeepSpeed ZeRO-3, started once per job.
 
-Every training stage goes through `train()`: language-model pretraining (`lm`), supervised
-fine-tuning on responses (`sft`), DPO (`dpo`: sigmoid, IPO or hinge, with an optional SFT term) and
-WSPO (`wspo`: regression of the policy's per-token log-ratio onto the weak models' one). Full
-fine-tuning or LoRA (peft). The same code runs with the gloo backend on CPUs and NCCL on GPUs.
+Every training stage goes through `TrainingWorkers.train()` (or `train()` for a single stage):
+language-model pretraining (`lm`), supervised fine-tuning on responses (`sft`), DPO (`dpo`: sigmoid,
+IPO or hinge, with an optional SFT term) and WSPO (`wspo`: regression of the policy's per-token
+log-ratio onto the weak models' one). Full fine-tuning or LoRA (peft). The same code runs with the
+gloo backend on CPUs and NCCL on GPUs.
 
 Data is a Parquet file every worker can read (a shared filesystem on a cluster):
   lm:  text
@@ -13,9 +14,15 @@ Data is a Parquet file every worker can read (a shared filesystem on a cluster):
   wspo: prompt, response, weak_aligned_logps, weak_base_logps, <reference>_logps (per-token lists; with
        LoRA the reference is the policy with its adapter disabled, computed here, and not needed)
 
-Checkpoints go through Ray Train (DeepSpeed shards + optimizer + step). Running `train()` again
-with the same `run_dir` and name resumes from the last checkpoint, whether the previous driver was
-killed or a worker died (Ray Train restarts workers up to `max_failures` times by itself).
+Started once: a job's training workers are one Ray Train run that lives as long as the job. The driver
+hands it one stage after another through a small queue actor, so worker processes, imports, the
+process group and DeepSpeed's op build are paid once per job, not once per stage (`_serve`).
+
+Resume: a stage checkpoints into its own folder `<storage_dir>/<name>/step_<n>/` (DeepSpeed shards,
+optimizer and step, written straight to shared storage). A worker that dies is restarted by Ray Train
+(`max_failures`) and the stage continues from its last checkpoint; a job that was killed and is run
+again continues the stage from the same folder. Rank 0 writes the final model once, next to its
+`output_dir`, and the driver moves it into place.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import math
 import os
 import random
 import shutil
-import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Literal
 
+import ray
 from pydantic import Field, model_validator
 
 from w2s.config import StrictModel
@@ -61,9 +70,9 @@ class TrainConfig(StrictModel):
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     zero_stage: int = Field(3, ge=0, le=3)
     dtype: Literal["float32", "bfloat16"] | None = Field(None, description="None: bfloat16 on GPU, float32 on CPU")
-    checkpoint_every: int = Field(100, ge=1, description="steps between Ray Train checkpoints")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (none when the stage is shorter)")
     log_every: int = Field(20, ge=1)
-    max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from within one run")
+    max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from within one job")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -73,36 +82,18 @@ class TrainConfig(StrictModel):
         return self
 
 
-def _rows(path: str, config: TrainConfig, reference: str = "ref") -> list[dict]:
-    """Training rows; the `<reference>_*logps` columns are renamed `ref_*logps`."""
-    import pyarrow.parquet as pq
-
-    references = {"dpo": {f"{reference}_chosen_logps": "ref_chosen_logps", f"{reference}_rejected_logps": "ref_rejected_logps"},
-                  "wspo": {} if config.lora else {f"{reference}_logps": "ref_logps"}}.get(config.mode, {})
-    needed = {"lm": ["text"], "sft": ["prompt", "response"], "dpo": ["prompt", "chosen", "rejected"],
-              "wspo": ["prompt", "response", "weak_aligned_logps", "weak_base_logps"]}[config.mode] + list(references)
-    table = pq.read_table(path)
-    missing = [c for c in needed if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: mode {config.mode!r} needs columns {needed}; missing {missing}")
-    if table.num_rows == 0:
-        raise ValueError(f"{path}: no rows to train on")
-    return table.select(needed).rename_columns([references.get(c, c) for c in needed]).to_pylist()
+# The response columns each mode trains on (an lm text is the response to an empty prompt).
+RESPONSES = {"lm": ("text",), "sft": ("response",), "wspo": ("response",), "dpo": ("chosen", "rejected")}
 
 
-def _batches(rows: list[dict], config: TrainConfig, rank: int, world: int):
-    """Deterministic (step, batch) stream for one worker: each epoch a seeded shuffle, split by rank.
-
-    Every row is trained on each epoch: the epoch's last step, when the rows do not fill it, is topped
-    up from the start of that epoch's order (`data_use` counts those repeats for the summary).
-    """
-    per_step, steps_per_epoch, total = _schedule(len(rows), config, world)
-    for step in range(total):
-        epoch, within = divmod(step, steps_per_epoch)
-        order = list(range(len(rows)))
-        random.Random(config.seed * 1000 + epoch).shuffle(order)
-        start = within * per_step + rank * config.batch_size
-        yield step, total, [rows[order[(start + k) % len(order)]] for k in range(config.batch_size)]
+def _columns(config: TrainConfig, reference: str) -> dict[str, str]:
+    """The Parquet columns a stage reads -> the names the loss uses (`<reference>_*logps` become `ref_*logps`)."""
+    texts = ([] if config.mode == "lm" else ["prompt"]) + list(RESPONSES[config.mode])
+    scored = {"dpo": {f"{reference}_chosen_logps": "ref_chosen_logps",
+                      f"{reference}_rejected_logps": "ref_rejected_logps"},
+              "wspo": {"weak_aligned_logps": "weak_aligned_logps", "weak_base_logps": "weak_base_logps",
+                       **({} if config.lora else {f"{reference}_logps": "ref_logps"})}}.get(config.mode, {})
+    return {**{c: c for c in texts}, **scored}
 
 
 def _schedule(n_rows: int, config: TrainConfig, world: int) -> tuple[int, int, int]:
@@ -110,6 +101,24 @@ def _schedule(n_rows: int, config: TrainConfig, world: int) -> tuple[int, int, i
     per_step = config.batch_size * world
     steps_per_epoch = math.ceil(n_rows / per_step)
     return per_step, steps_per_epoch, max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+def _batches(n_rows: int, config: TrainConfig, rank: int, world: int, start_step: int = 0):
+    """Deterministic (step, total steps, row indices) stream for one worker from `start_step`: each epoch
+    one seeded shuffle, split by rank.
+
+    Every row is trained on each epoch: the epoch's last step, when the rows do not fill it, is topped
+    up from the start of that epoch's order (`data_use` counts those repeats for the summary).
+    """
+    per_step, steps_per_epoch, total = _schedule(n_rows, config, world)
+    order, order_epoch = [], None
+    for step in range(start_step, total):
+        epoch, within = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:  # once per epoch, not per step: a resume does not replay it either
+            order, order_epoch = list(range(n_rows)), epoch
+            random.Random(config.seed * 1000 + epoch).shuffle(order)
+        start = within * per_step + rank * config.batch_size
+        yield step, total, [order[(start + k) % n_rows] for k in range(config.batch_size)]
 
 
 def data_use(n_rows: int, config: TrainConfig, world: int) -> dict:
@@ -123,31 +132,78 @@ def data_use(n_rows: int, config: TrainConfig, world: int) -> dict:
             "rows_repeated": fed - full_epochs * n_rows - min(n_rows, last_steps * per_step)}
 
 
-def _loss(model, tokenizer, batch: list[dict], config: TrainConfig, max_length: int) -> tuple:
+# ------------------------------------------------------------------------------------------- on a worker
+
+
+class _StageData:
+    """A stage's rows on one worker, tokenized once: token ids per response column, and the scored
+    per-token log-prob columns kept as Arrow arrays (float32 buffers, not Python lists)."""
+
+    def __init__(self, path: str, config: TrainConfig, reference: str, tokenizer, max_length: int):
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from w2s.modeling import pair_ids
+
+        columns = _columns(config, reference)
+        table = pq.read_table(path, columns=list(columns)).rename_columns(list(columns.values()))
+        self.n_rows, self.mode, self.max_length = table.num_rows, config.mode, max_length
+        self.pad = tokenizer.pad_token_id
+        prompts = [""] * self.n_rows if config.mode == "lm" else table["prompt"].to_pylist()
+        self.pairs = {side: [(np.asarray(p, np.int32), np.asarray(r, np.int32))
+                             for p, r in pair_ids(tokenizer, prompts, table[side].to_pylist())]
+                      for side in RESPONSES[config.mode]}
+        self.scored = {name: table[name].combine_chunks() for name in columns.values() if name.endswith("_logps")}
+
+    def batch(self, rows: list[int]) -> tuple:
+        """The micro-batch of `rows`: padded tokens (for DPO the chosen rows, then the rejected ones) and
+        every scored column as a [B, T-1] tensor on the response positions."""
+        import pyarrow as pa
+
+        from w2s.modeling import pad_pairs
+
+        tokens = pad_pairs([self.pairs[side][i] for side in RESPONSES[self.mode] for i in rows], self.pad,
+                           self.max_length)
+        mask = tokens.response_mask[:, 1:].bool()
+        if self.mode == "dpo":
+            ref = pa.concat_arrays([self.scored[f"ref_{side}_logps"].take(rows) for side in ("chosen", "rejected")])
+            return tokens, {"ref": _per_token(ref, mask, "ref_chosen_logps / ref_rejected_logps")}
+        return tokens, {name.removesuffix("_logps"): _per_token(column.take(rows), mask, name)
+                        for name, column in self.scored.items()}
+
+
+def _per_token(values, mask, name: str):
+    """Stored per-token log-probs (an Arrow list array, one list per row of `mask`) -> a [B, T-1] float32
+    tensor on the response positions of `mask`; a list of another length than its response is refused."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import torch
+
+    lengths, wanted = pc.list_value_length(values).to_numpy(zero_copy_only=False), mask.sum(-1).numpy()
+    for i in np.flatnonzero(lengths != wanted):
+        raise ValueError(f"{name}: {lengths[i]} stored log-probs for a response of {wanted[i]} tokens; "
+                         "was it scored with another tokenizer or max_length?")
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    out[mask] = torch.from_numpy(values.flatten().to_numpy(zero_copy_only=False).astype(np.float32))
+    return out
+
+
+def _loss(model, batch: tuple, config: TrainConfig) -> tuple:
     """Loss of one micro-batch, the number of tokens it trained on, and metrics to log."""
     from w2s.losses import dpo_loss, masked_mean_nll
-    from w2s.modeling import token_logprobs, tokenize_pairs
+    from w2s.modeling import token_logprobs
 
-    if config.mode in ("lm", "sft"):  # lm: a text is the response to an empty prompt
-        prompts = [""] * len(batch) if config.mode == "lm" else [r["prompt"] for r in batch]
-        tb = tokenize_pairs(tokenizer, prompts, [r["text" if config.mode == "lm" else "response"] for r in batch],
-                            max_length)
-        logp = token_logprobs(model, tb)
-        loss = masked_mean_nll(logp, tb.response_mask[:, 1:].to(logp.device))
-        return loss, int(tb.attention_mask.sum()), {"loss": loss.item()}
+    tokens, scored = batch
     if config.mode == "wspo":
-        return _wspo_loss(model, tokenizer, batch, config, max_length)
+        return _wspo_loss(model, tokens, scored, config)
+    logp = token_logprobs(model, tokens)
+    mask = tokens.response_mask[:, 1:].to(logp.device)
+    if config.mode in ("lm", "sft"):
+        loss = masked_mean_nll(logp, mask)
+        return loss, int(tokens.attention_mask.sum()), {"loss": loss.item()}
 
-    prompts = [r["prompt"] for r in batch] * 2
-    responses = [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
-    tb = tokenize_pairs(tokenizer, prompts, responses, max_length)
-    logp = token_logprobs(model, tb)
-    mask = tb.response_mask[:, 1:].to(logp.device)
-    n = len(batch)
-    seq = logp.sum(-1)
-    # per token, so a reference scored with another tokenizer is refused, not summed
-    ref = _per_token([r["ref_chosen_logps"] for r in batch] + [r["ref_rejected_logps"] for r in batch],
-                     mask.bool(), "ref_chosen_logps / ref_rejected_logps").sum(-1)
+    n = logp.shape[0] // 2  # chosen rows, then rejected rows
+    seq, ref = logp.sum(-1), scored["ref"].to(logp.device).sum(-1)
     if config.loss == "ipo":  # IPO works on per-token mean log-probs (as TRL does)
         ntok = mask.sum(-1).clamp(min=1)
         seq, ref = seq / ntok, ref / ntok
@@ -160,49 +216,35 @@ def _loss(model, tokenizer, batch: list[dict], config: TrainConfig, max_length: 
         loss = loss + config.sft_weight * nll
         metrics["sft_nll"] = nll.item()
     metrics["loss"] = loss.item()
-    return loss, int(tb.attention_mask.sum()), metrics
+    return loss, int(tokens.attention_mask.sum()), metrics
 
 
-def _per_token(values: list[list[float]], mask, name: str):
-    """Stored per-token lists -> a [B, T-1] tensor on the response positions of `mask`."""
-    import torch
-
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    for i, (row, row_mask) in enumerate(zip(values, mask)):
-        if len(row) != int(row_mask.sum()):
-            raise ValueError(f"{name}: {len(row)} stored log-probs for a response of {int(row_mask.sum())} tokens; "
-                             "was it scored with another tokenizer or max_length?")
-        out[i, row_mask] = torch.tensor(row, dtype=torch.float32, device=mask.device)
-    return out
-
-
-def _wspo_loss(model, tokenizer, batch: list[dict], config: TrainConfig, max_length: int) -> tuple:
+def _wspo_loss(model, tokens, scored: dict, config: TrainConfig) -> tuple:
     """WSPO on one micro-batch: only the policy runs here; the weak streams (and, without LoRA,
     the strong reference) were scored once by the Ray Data stage."""
     import torch
 
     from w2s.losses import wspo_loss
-    from w2s.modeling import token_logprobs, tokenize_pairs
+    from w2s.modeling import token_logprobs
 
-    tb = tokenize_pairs(tokenizer, [r["prompt"] for r in batch], [r["response"] for r in batch], max_length)
-    logp = token_logprobs(model, tb)
-    mask = tb.response_mask[:, 1:].bool().to(logp.device)
+    logp = token_logprobs(model, tokens)
+    mask = tokens.response_mask[:, 1:].bool().to(logp.device)
     if config.lora:  # the reference is the policy with its adapter disabled
         module = getattr(model, "module", model)  # the DeepSpeed engine wraps the peft model
         with torch.no_grad(), module.disable_adapter():
-            ref = token_logprobs(module, tb)
+            ref = token_logprobs(module, tokens)
     else:
-        ref = _per_token([r["ref_logps"] for r in batch], mask, "ref_logps")
-    weak_aligned = _per_token([r["weak_aligned_logps"] for r in batch], mask, "weak_aligned_logps")
-    weak_base = _per_token([r["weak_base_logps"] for r in batch], mask, "weak_base_logps")
+        ref = scored["ref"].to(logp.device)
+    weak_aligned, weak_base = scored["weak_aligned"].to(logp.device), scored["weak_base"].to(logp.device)
     loss = wspo_loss(logp, ref, weak_aligned, weak_base, mask, config.gamma).mean()
     ntok = mask.sum().clamp(min=1)
     strong_ratio, weak_ratio = (logp.detach() - ref) * mask, (weak_aligned - weak_base) * mask
     # amplification: least-squares slope of the strong per-token log-ratio on the weak one (1/gamma at the optimum)
     slope = (strong_ratio * weak_ratio).sum() / (weak_ratio * weak_ratio).sum().clamp(min=1e-12)
-    return loss, int(tb.attention_mask.sum()), {"loss": loss.item(), "strong_log_ratio": (strong_ratio.sum() / ntok).item(),
-                                                 "weak_log_ratio": (weak_ratio.sum() / ntok).item(),
-                                                 "amplification": slope.item()}
+    return loss, int(tokens.attention_mask.sum()), {"loss": loss.item(),
+                                                     "strong_log_ratio": (strong_ratio.sum() / ntok).item(),
+                                                     "weak_log_ratio": (weak_ratio.sum() / ntok).item(),
+                                                     "amplification": slope.item()}
 
 
 def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
@@ -235,114 +277,157 @@ def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
     return engine, scheduler
 
 
-def _report_finished(checkpoint, rank: int) -> bool:
-    """True, after reporting it again, when the checkpoint to resume from is a run's final one: the job was
-    stopped after training had ended and before train() took the model out of it."""
-    import ray.train
+def _quiet_worker() -> None:
+    """What a training worker prints is progress and errors: no weight-loading bars, no DeepSpeed info
+    lines or deprecation notes of the collectives it calls (they go nowhere useful)."""
+    import logging
+    import warnings
 
-    if checkpoint is None:
-        return False
-    with checkpoint.as_directory() as ckpt:
-        if not os.path.isfile(os.path.join(ckpt, "train_summary.json")):
-            return False
-        with open(os.path.join(ckpt, "train_summary.json")) as f:
-            summary = json.load(f)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def _serve(loop_config: dict) -> None:
+    """Runs on every Ray Train worker for the whole job: the stages the driver queues, in order, until it
+    says stop. After a restart (a worker died), it goes on with the first stage not finished."""
+    import ray.train
+    import torch
+
+    _quiet_worker()
+    queue = loop_config["queue"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = torch.cuda.is_available() and bool(loop_config["use_gpu"])
+    if not on_gpu:  # gradients' reductions split by thread count: the same config, the same threads, on any machine
+        torch.set_num_threads(loop_config["cpu_threads"])
+    nodes = [None] * world  # where each worker runs (recorded in every stage's summary)
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    index = ray.get(queue.first_open.remote())
+    while (stage := _next_stage(queue, index)) is not None:
+        summary = _train_stage(stage, rank, world, on_gpu, nodes)
         if rank == 0:
-            print(f"[train] resumed from step {summary['steps']}: training had ended", flush=True)
-        ray.train.report({"step": summary["steps"], "done": True, **summary["last"]},
-                         checkpoint=ray.train.Checkpoint.from_directory(ckpt) if rank == 0 else None)
-    return True
+            ray.get(queue.finish.remote(index, summary))
+        index += 1
 
 
-def _train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import ray
-    import ray.train
+def _next_stage(queue, index: int) -> dict | None:
+    """Stage `index` once the driver has queued it; None when the driver has stopped the workers."""
+    while (stage := ray.get(queue.get.remote(index))) == "wait":
+        time.sleep(0.05)
+    return stage
+
+
+def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) -> dict:
+    """One stage on this worker: load, resume from the stage's last checkpoint, train, save the final model."""
+    import gc
+
     import torch
     from transformers import AutoModelForCausalLM
 
     from w2s.modeling import load_tokenizer
 
-    config = TrainConfig(**loop_config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if _report_finished(ray.train.get_checkpoint(), rank):
-        return
+    config = TrainConfig(**stage["train"])
+    name, folder = stage["name"], Path(stage["checkpoints"])
     torch.manual_seed(config.seed)
-    on_gpu = torch.cuda.is_available() and bool(loop_config["use_gpu"])
-    if not on_gpu:  # gradients' reductions split by thread count: the same config, the same threads, on any machine
-        torch.set_num_threads(loop_config["cpu_threads"])
     dtype = torch.bfloat16 if (config.dtype or ("bfloat16" if on_gpu else "float32")) == "bfloat16" else torch.float32
-
-    tokenizer = load_tokenizer(loop_config["init_model"])
-    model = AutoModelForCausalLM.from_pretrained(loop_config["init_model"], dtype=torch.float32, use_safetensors=True)
+    tokenizer = load_tokenizer(stage["init_model"], stage["trust_remote_code"])
+    model = AutoModelForCausalLM.from_pretrained(stage["init_model"], dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=stage["trust_remote_code"])
     model.config.use_cache = False
     if config.lora:
         model = _add_lora(model, config.lora)
-    rows = _rows(loop_config["data"], config, loop_config["reference"])
-    total_steps = data_use(len(rows), config, world)["steps"]
+    data = _StageData(stage["data"], config, stage["reference"], tokenizer, stage["max_length"])
+    total_steps = data_use(data.n_rows, config, world)["steps"]
     engine, scheduler = deepspeed_engine(model, config, total_steps, dtype)
-
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt:
-            _, client_state = engine.load_checkpoint(os.path.join(ckpt, "deepspeed"))
-            start_step = client_state["step"] + 1
-        if rank == 0:
-            print(f"[train] resumed from step {start_step}", flush=True)
+    start_step = _resume(engine, folder, rank)
 
     writer = None
-    if rank == 0 and loop_config.get("tensorboard_dir"):
+    if rank == 0 and stage["tensorboard_dir"]:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(loop_config["tensorboard_dir"])
-
+        writer = SummaryWriter(stage["tensorboard_dir"])
     engine.train()
     tokens, t0, last = 0, time.perf_counter(), {}
-    for step, total, batch in _batches(rows, config, rank, world):
-        if step < start_step:
-            continue
-        loss, ntok, metrics = _loss(engine, tokenizer, batch, config, loop_config["max_length"])
+    for step, total, rows in _batches(data.n_rows, config, rank, world, start_step):
+        loss, ntok, last = _loss(engine, data.batch(rows), config)
         engine.backward(loss)
         engine.step()
         tokens += ntok
-        last = metrics
-        final = step == total - 1
-        if step % config.log_every == 0 or final:
-            elapsed = time.perf_counter() - t0
-            metrics = {**metrics, "step": step, "total_steps": total, "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s_per_worker": tokens / max(elapsed, 1e-9)}
+        if step % config.log_every == 0 or step == total - 1:
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
             if rank == 0:
-                print(f"[train {loop_config['name']}] step {step + 1}/{total} loss {metrics['loss']:.4f} "
-                      f"{metrics['tokens_per_s_per_worker'] * world:.0f} tok/s", flush=True)
-                if writer:
-                    for key, value in metrics.items():
-                        writer.add_scalar(key, value, step)
-        if (step + 1) % config.checkpoint_every == 0 and not final:
-            with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(os.path.join(tmp, "deepspeed"), client_state={"step": step})
-                ray.train.report({"step": step, **last}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    nodes = [None] * world  # where each worker ran (recorded in the summary)
-    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    # Final model: gathered from the ZeRO-3 shards into one safetensors checkpoint by rank 0.
-    state = engine._zero3_consolidated_16bit_state_dict() if config.zero_stage == 3 else engine.module.state_dict()
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            final_dir = os.path.join(tmp, "model")
-            if config.lora:
-                _save_merged_lora(loop_config["init_model"], config.lora, state, final_dir)
-            else:
-                engine.module.save_pretrained(final_dir, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(final_dir)
-            with open(os.path.join(tmp, "train_summary.json"), "w") as f:
-                json.dump({"steps": total_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
-                           "world_size": world, "worker_nodes": nodes, "torch_threads": torch.get_num_threads(),
-                           "last": last}, f)
-        ray.train.report({"step": total_steps, "done": True, **last},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+                print(f"[train {name}] step {step + 1}/{total} loss {last['loss']:.4f} {rate * world:.0f} tok/s",
+                      flush=True)
+            if writer:
+                for key, value in {**last, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate * world}.items():
+                    writer.add_scalar(key, value, step)
+        if (step + 1) % config.checkpoint_every == 0 and step < total - 1:
+            _checkpoint(engine, folder, step, rank)
+    summary = {"steps": total_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
+               "world_size": world, "worker_nodes": nodes, "torch_threads": torch.get_num_threads(), "last": last,
+               "resumed_from_step": start_step, "fingerprint": stage["fingerprint"]}
+    _save_final(engine, config, stage, tokenizer, rank, summary)
     if writer:
         writer.close()
+    del engine, model
+    gc.collect()  # the next stage's model takes this one's place
+    return summary
+
+
+def _complete_checkpoints(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+
+
+def _resume(engine, folder: Path, rank: int) -> int:
+    """The step to start from: after the stage's last complete checkpoint, if it has one."""
+    done = _complete_checkpoints(folder)
+    if not done:
+        return 0
+    _, client_state = engine.load_checkpoint(str(done[-1]))
+    if rank == 0:
+        print(f"[train] resumed from step {client_state['step'] + 1}", flush=True)
+    return client_state["step"] + 1
+
+
+# A failpoint for the fault tests: seconds every worker waits after each checkpoint, so that a test can kill
+# a job half-way through a stage that would otherwise end within milliseconds of its first checkpoint.
+CHECKPOINT_PAUSE = "W2S_TEST_CHECKPOINT_PAUSE_S"
+
+
+def _checkpoint(engine, folder: Path, step: int, rank: int) -> None:
+    """Every rank writes its ZeRO shards and optimizer state into `step_<n>.partial`; once all have,
+    rank 0 renames it `step_<n>` (a kill half-way leaves no checkpoint to resume from) and keeps two."""
+    import torch
+
+    partial = folder / f"step_{step + 1:08d}.partial"
+    engine.save_checkpoint(str(partial), client_state={"step": step})
+    torch.distributed.barrier()
+    if rank == 0:
+        partial.rename(folder / partial.name.removesuffix(".partial"))
+        for old in _complete_checkpoints(folder)[:-2]:
+            shutil.rmtree(old)
+    time.sleep(float(os.environ.get(CHECKPOINT_PAUSE, 0)))
+
+
+def _save_final(engine, config: TrainConfig, stage: dict, tokenizer, rank: int, summary: dict) -> None:
+    """Rank 0 gathers the ZeRO-3 shards into one safetensors checkpoint, written once, next to the
+    stage's output folder (`<output_dir>.partial`, moved into place by the driver). The summary file is
+    written last: a folder that has it is complete."""
+    state = engine._zero3_consolidated_16bit_state_dict() if config.zero_stage == 3 else engine.module.state_dict()
+    if rank != 0:
+        return
+    staging = Path(stage["output_dir"] + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    if config.lora:
+        _save_merged_lora(stage["init_model"], config.lora, state, str(staging))
+    else:
+        engine.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / TRAINED_MARKER).write_text(stage["name"])
+    (staging / SUMMARY).write_text(json.dumps(summary))
 
 
 def _add_lora(model, lora: LoraSettings):
@@ -365,97 +450,273 @@ def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str
     peft_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
 
 
-TRAINED_MARKER = ".trained_by_w2s"  # in every folder train() writes: the only kind it will replace
-FINGERPRINT = ".w2s_fingerprint"  # in a stage's Ray Train folder: what its checkpoints were trained on
+# ------------------------------------------------------------------------------------------- in the driver
+
+TRAINED_MARKER = ".trained_by_w2s"  # in every folder a stage writes: the only kind train() will replace
+SUMMARY = "train_summary.json"  # written last into a trained model's folder
+FINGERPRINT = ".w2s_fingerprint"  # in a stage's checkpoint folder: what its checkpoints were trained on
 
 
 class CheckpointMismatchError(ValueError):
-    """Ray Train checkpoints left by a run of another config, model or data under the same name."""
+    """Checkpoints left by a stage of another config, model or data under the same name."""
 
 
 def _claim_checkpoints(folder: Path, fingerprint: str) -> None:
     """Resume only from checkpoints of the same config, initial weights and data; refuse others."""
     mark = folder / FINGERPRINT
     if mark.is_file() and mark.read_text() != fingerprint:
-        raise CheckpointMismatchError(f"{folder} holds Ray Train checkpoints of another config, initial model or data; "
+        raise CheckpointMismatchError(f"{folder} holds checkpoints of another config, initial model or data; "
                                       "resuming from them would mix two runs: remove the folder, or use another name")
     folder.mkdir(parents=True, exist_ok=True)
     mark.write_text(fingerprint)
 
 
-def _check_lengths(rows: list[dict], tokenizer, mode: str, max_length: int, data: Path) -> None:
-    """Refuse, before any worker starts, a row longer than `max_length` (it would be cut, or crash a worker)."""
+def _check_columns(data: Path, config: TrainConfig, reference: str) -> int:
+    """The rows of `data`, once its Parquet schema has every column the mode needs (nothing is read)."""
+    import pyarrow.parquet as pq
+
+    needed = list(_columns(config, reference))
+    missing = [c for c in needed if c not in pq.read_schema(data).names]
+    if missing:
+        raise ValueError(f"{data}: mode {config.mode!r} needs columns {needed}; missing {missing}")
+    rows = pq.read_metadata(data).num_rows
+    if rows == 0:
+        raise ValueError(f"{data}: no rows to train on")
+    return rows
+
+
+def _check_lengths(data: Path, tokenizer, config: TrainConfig, max_length: int) -> None:
+    """Refuse, before any worker trains, a row longer than `max_length` (it would be cut, or crash a worker).
+    Reads the text columns a batch at a time."""
+    import pyarrow.parquet as pq
+
     from w2s.modeling import TooLongError, pair_ids
 
-    fields = {"lm": [("", "text")], "sft": [("prompt", "response")], "wspo": [("prompt", "response")],
-              "dpo": [("prompt", "chosen"), ("prompt", "rejected")]}[mode]
-    for prompt, field in fields:
-        ids = pair_ids(tokenizer, [r[prompt] if prompt else "" for r in rows], [r[field] for r in rows])
-        for i, (p, r) in enumerate(ids):
-            if len(p) + len(r) > max_length:
-                raise TooLongError(f"{data}: row {i} field {field!r}: {len(p) + len(r)} tokens with its prompt and "
-                                   f"EOS > max_length {max_length}; set such rows aside before training")
+    texts = [c for c in _columns(config, "ref") if not c.endswith("_logps")]
+    first = 0
+    for batch in pq.ParquetFile(data).iter_batches(batch_size=4096, columns=texts):
+        prompts = batch.column("prompt").to_pylist() if "prompt" in texts else [""] * batch.num_rows
+        for field in RESPONSES[config.mode]:
+            for i, (p, r) in enumerate(pair_ids(tokenizer, prompts, batch.column(field).to_pylist())):
+                if len(p) + len(r) > max_length:
+                    raise TooLongError(f"{data}: row {first + i} field {field!r}: {len(p) + len(r)} tokens with its "
+                                       f"prompt and EOS > max_length {max_length}; set such rows aside before training")
+        first += batch.num_rows
 
 
-def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path,
-          name: str, storage_dir: str | Path, max_length: int, tensorboard_dir: str | Path | None = None,
-          reference: str = "ref", cpus_per_worker: float = 1.0) -> dict:
-    """Train `init_model` on `data` and write the resulting HF checkpoint to `output_dir`.
+def _trained(output_dir: Path, fingerprint: str) -> dict | None:
+    """The summary of this very stage when an earlier call trained it: the job was stopped after the
+    model was written and before it was taken. Its `.partial` folder is moved into place here."""
+    for folder in (output_dir, output_dir.with_name(output_dir.name + ".partial")):
+        file = folder / SUMMARY
+        summary = json.loads(file.read_text()) if file.is_file() else {}
+        if summary.get("fingerprint") == fingerprint:
+            if folder != output_dir:
+                _move_into_place(folder, output_dir)
+            return summary
+    return None
 
-    `storage_dir`/`name` is where Ray Train keeps checkpoints: calling again with the same pair
-    resumes from the last checkpoint. `reference` names the scored log-prob columns of the frozen
-    reference: `<reference>_chosen_logps` and `<reference>_rejected_logps` for DPO, `<reference>_logps`
-    for WSPO. `max_length` is the job's one length limit: a longer row is refused here, never cut
-    (w2s.modeling.resolve_max_length checks it against the model). `cpus_per_worker` is what each
-    worker reserves on a CPU cluster (below 1, several small stages can train at once) and, rounded
-    down to at least 1, its torch threads. Returns the train
-    summary (steps, tokens, seconds, threads, and `data`: rows fed, repeated and unused, see data_use).
-    """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from w2s.modeling import load_tokenizer, weights_fingerprint
-    from w2s.runs import content_hash, file_hash
-
-    # Workers run in their own working directory: hand them absolute paths.
-    init_model, data, output_dir = (Path(p).resolve() for p in (init_model, data, output_dir))
-    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / TRAINED_MARKER).is_file():
-        raise ValueError(f"output folder {output_dir} exists and was not written by train(): pick another, "
-                         "or remove it yourself")
-    tokenizer = load_tokenizer(init_model)  # a missing model, column or over-long row fails before any worker starts
-    rows = _rows(str(data), config, reference)
-    _check_lengths(rows, tokenizer, config.mode, max_length, data)
-    _claim_checkpoints(Path(storage_dir).resolve() / name, content_hash(
-        config, weights_fingerprint(init_model), file_hash(data), max_length, reference))
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"train": config.model_dump(), "init_model": str(init_model), "data": str(data),
-                           "name": name, "use_gpu": use_gpu, "reference": reference, "max_length": max_length,
-                           "cpu_threads": max(1, int(cpus_per_worker)),
-                           "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_dir).resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=config.max_failures)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"training stage {name!r} failed") from result.error
-    staging = output_dir.with_name(output_dir.name + ".partial")  # ours: a copy cut short is never the result
-    with result.checkpoint.as_directory() as ckpt:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(ckpt) / "model", staging)
-        (staging / TRAINED_MARKER).write_text(name)
-        summary = json.loads((Path(ckpt) / "train_summary.json").read_text())
-    summary["data"] = use = data_use(len(rows), config, config.num_workers)
-    if use["rows_repeated"] or use["rows_unused"]:
-        print(f"[train {name}] {use['rows']} rows in {use['steps']} steps: {use['rows_repeated']} repeated to fill "
-              f"an epoch's last step, {use['rows_unused']} unused (epochs {config.epochs:g})", flush=True)
-    if output_dir.exists():  # empty, or a model this function wrote before (checked above)
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    if output_dir.exists():  # empty, or a model train() wrote before (checked by the caller)
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
-    return summary
+
+
+class _WorkerGroup:
+    """One Ray Train run (its own thread in the driver) whose workers train queued stages in order."""
+
+    def __init__(self, shape: tuple, storage: Path):
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        num_workers, use_gpu, cpus_per_worker, max_failures = shape
+        self.queue = _StageQueue.options(num_cpus=0).remote()
+        self.busy = 0  # stages queued here and not yet ended (the driver's count)
+        self.error: BaseException | None = None
+        self.run_dir = storage / f"workers-{uuid.uuid4().hex[:8]}"
+        trainer = TorchTrainer(
+            _serve,
+            train_loop_config={"queue": self.queue, "use_gpu": use_gpu, "cpu_threads": max(1, int(cpus_per_worker))},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+            run_config=RunConfig(name=self.run_dir.name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True, name="w2s-train")
+        self.thread.start()
+
+    def _fit(self, trainer) -> None:
+        try:
+            result = trainer.fit()
+            self.error = result.error
+        except BaseException as err:  # noqa: BLE001 - handed to every stage waiting on this group
+            self.error = err
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def run(self, stage: dict) -> dict:
+        """Queue `stage` and wait for its summary (the workers train the queued stages one at a time)."""
+        index = ray.get(self.queue.submit.remote(stage))
+        while (summary := ray.get(self.queue.result.remote(index))) is None:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"training stage {stage['name']!r} failed") from self.error
+            time.sleep(0.1)
+        return summary
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            ray.get(self.queue.stop.remote())
+            self.thread.join()
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # Ray Train's own records: stages keep their checkpoints
+
+
+class TrainingWorkers:
+    """The training workers of one job: a Ray Train run per shape (workers, GPU, CPUs each, failures
+    allowed), started on its first stage and kept until `shutdown()`, training the stages one at a time.
+
+    `max_groups` runs of one shape may train side by side (independent stages submitted from several
+    threads); None: as many as the cluster's CPUs (or GPUs) hold at once.
+    """
+
+    def __init__(self, storage: str | Path, max_groups: int | None = None):
+        self.storage = Path(storage).resolve()  # Ray Train's own records of each run; removed at shutdown
+        self.max_groups = max_groups
+        self._groups: dict[tuple, list[_WorkerGroup]] = {}
+        self._lock = threading.Lock()
+
+    def train(self, config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path,
+              name: str, storage_dir: str | Path, max_length: int, tensorboard_dir: str | Path | None = None,
+              reference: str = "ref", cpus_per_worker: float = 1.0, trust_remote_code: bool = False) -> dict:
+        """Train `init_model` on `data` and write the resulting HF checkpoint to `output_dir`.
+
+        `storage_dir/name` holds the stage's checkpoints: calling again with the same pair resumes from the
+        last one. `reference` names the scored log-prob columns of the frozen reference:
+        `<reference>_chosen_logps` and `<reference>_rejected_logps` for DPO, `<reference>_logps` for WSPO.
+        `max_length` is the job's one length limit: a longer row is refused here, never cut
+        (w2s.modeling.resolve_max_length checks it against the model). `cpus_per_worker` is what each
+        worker reserves on a CPU cluster (below 1, several small stages can train at once) and, rounded
+        down to at least 1, its torch threads. Returns the train summary (steps, tokens, seconds, threads,
+        worker nodes, and `data`: rows fed, repeated and unused, see data_use).
+        """
+        from w2s.modeling import load_tokenizer, weights_fingerprint
+        from w2s.runs import content_hash, file_hash
+
+        # Workers run in their own working directory: hand them absolute paths.
+        init_model, data, output_dir = (Path(p).resolve() for p in (init_model, data, output_dir))
+        if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / TRAINED_MARKER).is_file():
+            raise ValueError(f"output folder {output_dir} exists and was not written by train(): pick another, "
+                             "or remove it yourself")
+        tokenizer = load_tokenizer(init_model, trust_remote_code)  # a missing model, column or long row fails here
+        n_rows = _check_columns(data, config, reference)
+        _check_lengths(data, tokenizer, config, max_length)
+        fingerprint = content_hash(config, weights_fingerprint(init_model), file_hash(data), max_length, reference)
+        summary = _trained(output_dir, fingerprint)
+        if summary is None:
+            checkpoints = Path(storage_dir).resolve() / name
+            _claim_checkpoints(checkpoints, fingerprint)
+            stage = {"name": name, "train": config.model_dump(), "init_model": str(init_model), "data": str(data),
+                     "output_dir": str(output_dir), "checkpoints": str(checkpoints), "max_length": max_length,
+                     "reference": reference, "trust_remote_code": trust_remote_code, "fingerprint": fingerprint,
+                     "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None}
+            summary = self._run(stage, config, cpus_per_worker)
+            _move_into_place(output_dir.with_name(output_dir.name + ".partial"), output_dir)
+            for done in _complete_checkpoints(checkpoints):  # the model is out: its checkpoints are spent
+                shutil.rmtree(done)
+        summary["data"] = use = data_use(n_rows, config, config.num_workers)
+        if use["rows_repeated"] or use["rows_unused"]:
+            print(f"[train {name}] {use['rows']} rows in {use['steps']} steps: {use['rows_repeated']} repeated to fill "
+                  f"an epoch's last step, {use['rows_unused']} unused (epochs {config.epochs:g})", flush=True)
+        return summary
+
+    def _run(self, stage: dict, config: TrainConfig, cpus_per_worker: float) -> dict:
+        use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        group = self._group((config.num_workers, use_gpu, cpus_per_worker, config.max_failures))
+        try:
+            return group.run(stage)
+        finally:
+            with self._lock:
+                group.busy -= 1
+
+    def _group(self, shape: tuple) -> _WorkerGroup:
+        """The least busy live run of `shape`, or a new one while fewer than `max_groups` run."""
+        with self._lock:
+            groups = self._groups[shape] = [g for g in self._groups.get(shape, []) if g.alive()]
+            idle = [g for g in groups if g.busy == 0]
+            if idle or len(groups) >= self._max_groups(shape):
+                group = min(idle or groups, key=lambda g: g.busy)
+            else:
+                self._stop_idle_other_shapes(shape)  # they would hold the resources a new run needs
+                group = _WorkerGroup(shape, self.storage)
+                groups.append(group)
+            group.busy += 1
+            return group
+
+    def _max_groups(self, shape: tuple) -> int:
+        if self.max_groups is not None:
+            return self.max_groups
+        num_workers, use_gpu, cpus_per_worker, _ = shape
+        resources = ray.cluster_resources()
+        per_group = num_workers * (1 if use_gpu else cpus_per_worker)
+        return max(1, int(resources.get("GPU" if use_gpu else "CPU", 0) // per_group))
+
+    def _stop_idle_other_shapes(self, shape: tuple) -> None:
+        for other, groups in self._groups.items():
+            if other != shape:
+                for group in [g for g in groups if g.busy == 0]:
+                    group.stop()
+                    groups.remove(group)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for groups in self._groups.values():
+                for group in groups:
+                    group.stop()
+            self._groups.clear()
+
+    def __enter__(self) -> "TrainingWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+@ray.remote
+class _StageQueue:
+    """The stages of one worker group, in the order the driver queued them, and their summaries."""
+
+    def __init__(self):
+        self.stages: list[dict] = []
+        self.summaries: dict[int, dict] = {}
+        self.stopped = False
+
+    def submit(self, stage: dict) -> int:
+        self.stages.append(stage)
+        return len(self.stages) - 1
+
+    def get(self, index: int):
+        """Stage `index`; "wait" while it is not queued yet; None once the driver has stopped the group."""
+        if index < len(self.stages):
+            return self.stages[index]
+        return None if self.stopped else "wait"
+
+    def first_open(self) -> int:
+        return next((i for i in range(len(self.stages)) if i not in self.summaries), len(self.stages))
+
+    def finish(self, index: int, summary: dict) -> None:
+        self.summaries[index] = summary
+
+    def result(self, index: int) -> dict | None:
+        return self.summaries.get(index)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path, name: str,
+          storage_dir: str | Path, max_length: int, **kwargs) -> dict:
+    """One stage on workers started for it alone (a job trains its stages on one TrainingWorkers)."""
+    with TrainingWorkers(storage_dir) as workers:
+        return workers.train(config, init_model, data, output_dir, name, storage_dir, max_length, **kwargs)

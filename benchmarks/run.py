@@ -93,7 +93,7 @@ def bench_scoring(model_path: Path, pairs: list[dict], work: Path, batch_size: i
     import ray
     import torch
 
-    from actors.model_host import ModelGroup
+    from actors.model_host import HostPool
     from actors.stages import score_preferences
     from w2s.modeling import ModelSpec, load_model, response_logprobs, tokenize_pairs
 
@@ -118,19 +118,19 @@ def bench_scoring(model_path: Path, pairs: list[dict], work: Path, batch_size: i
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     warm.write_text("".join(json.dumps(r) + "\n" for r in pairs[:2 * batch_size]))
 
-    # ModelGroup's own CPU share for a single host (all CPUs but one, kept for Ray Data's tasks),
-    # spelled out so that the probe below asks for the same share.
-    host_cpus = max(0.05, round(ray.cluster_resources()["CPU"] - 1, 2))
-    # Torch threads of a Ray process with that share (Ray sets OMP_NUM_THREADS from num_cpus).
-    host_threads = ray.get(ray.remote(num_cpus=host_cpus)(_torch_threads).remote())
-    with ModelGroup({"strong": spec}, cpus_per_model=host_cpus) as group:
+    # The host runs as many torch threads as the pool gives one host alone on this machine.
+    pool = HostPool(max_hosts=1)
+    hosts = pool.hosts({"strong": spec})
+    host_threads = ray.get(hosts["strong"].actor.where.remote())["threads"]
+    host_cpus = host_threads
+    try:
         # Warm-up of both paths: Ray Data's worker processes, torch's thread pools and allocator.
-        score_preferences(warm, group.hosts, work / "warmup", batch_size=batch_size)
+        score_preferences(warm, hosts, work / "warmup", batch_size=batch_size)
         plain(own_threads, 2 * batch_size)
 
         def ray_stage() -> float:
             start = time.perf_counter()
-            result = score_preferences(data, group.hosts, work / "scored", batch_size=batch_size)
+            result = score_preferences(data, hosts, work / "scored", batch_size=batch_size)
             seconds = time.perf_counter() - start
             assert result.n_scored == len(pairs), result.report
             return seconds
@@ -142,6 +142,8 @@ def bench_scoring(model_path: Path, pairs: list[dict], work: Path, batch_size: i
             runs["plain"].append(plain(own_threads))
             runs["plain_host_threads"].append(plain(host_threads))
             runs["ray"].append(ray_stage())
+    finally:
+        pool.shutdown()
 
     out = {"pairs": len(pairs), "batch_size": batch_size, "tokens": tokens, "mean_seq_len": tokens / (2 * len(pairs)),
            "plain_threads": own_threads, "ray_host_cpus": host_cpus, "ray_host_threads": host_threads}
@@ -150,12 +152,6 @@ def bench_scoring(model_path: Path, pairs: list[dict], work: Path, batch_size: i
         out[name] = {"seconds": seconds, "median_seconds": median, "tokens_per_s": tokens / median}
     out["ratio_ray_over_plain"] = out["ray"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
     return out
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def bench_training(model_path: Path, corpus: Path, work: Path, workers: int) -> dict:

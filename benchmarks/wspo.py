@@ -88,7 +88,7 @@ def run_pipeline(config: TrainConfig, models: dict[str, Path], data: Path, work:
     """Score once with the three frozen models as actors, then train with only the policy resident."""
     import pyarrow.parquet as pq
 
-    from actors.model_host import ModelGroup
+    from actors.model_host import HostPool
     from actors.stages import score_preferences
     from actors.trainer import train
     from pipelines.wspo import training_table
@@ -96,10 +96,14 @@ def run_pipeline(config: TrainConfig, models: dict[str, Path], data: Path, work:
 
     hosts = {"weak_aligned": models["weak_aligned"], "weak_base": models["weak_base"], "strong_ref": models["strong"]}
     start = time.perf_counter()
-    with ModelGroup({role: ModelSpec(path=str(p)) for role, p in hosts.items()}) as group:
+    pool = HostPool(max_hosts=len(hosts))
+    try:
+        refs = pool.hosts({role: ModelSpec(path=str(p)) for role, p in hosts.items()})
         hosts_start = time.perf_counter() - start  # actors started, models loaded
-        scored = score_preferences(data, group.hosts, work / "scores", tokenizer_path=str(models["strong"]),
+        scored = score_preferences(data, refs, work / "scores", tokenizer_path=str(models["strong"]),
                                    max_length=MAX_LENGTH, batch_size=64, responses=("chosen",))
+    finally:
+        pool.shutdown()
     assert scored.n_rejected == 0, scored.report  # both sides must train on the same rows
     train_data = work / "train.parquet"
     pq.write_table(training_table(pq.read_table(scored.scored_path), "chosen"), train_data)
@@ -140,12 +144,13 @@ def official_loop(loop_config: dict) -> None:
               for role, path in (("ref", "strong"), ("weak_aligned", "weak_aligned"), ("weak_base", "weak_base"))}
     good, _ = load_pairs(loop_config["data"])
     rows = good.select(["prompt", "chosen", "rejected"]).to_pylist()
-    _, total_steps, _ = next(_batches(rows, config, rank, world))  # the real trainer's step count
+    _, total_steps, _ = next(_batches(len(rows), config, rank, world))  # the real trainer's step count
     engine, _ = deepspeed_engine(policy, config, total_steps, getattr(torch, dtype))
 
     engine.train()
     start = time.perf_counter()
-    for _, _, batch in _batches(rows, config, rank, world):
+    for _, _, indices in _batches(len(rows), config, rank, world):
+        batch = [rows[i] for i in indices]
         n = len(batch)
         prompts = [r["prompt"] for r in batch]
         tb = tokenize_pairs(tokenizer, prompts + prompts, [r["chosen"] for r in batch] + [r["rejected"] for r in batch],

@@ -96,8 +96,8 @@ for _name, _value in CPU_KERNELS.items():
 
 def connect_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it; `RAY_ADDRESS=auto` joins a
-    local `ray start`), or start a fresh local instance with its dashboard off. Every worker of the
-    job gets the pinned CPU kernels (CPU_KERNELS).
+    local `ray start`), or start a fresh local instance with its dashboard on loopback. Every worker of
+    the job gets the pinned CPU kernels (CPU_KERNELS).
     """
     import ray
 
@@ -107,8 +107,9 @@ def connect_ray() -> None:
     runtime_env = {"env_vars": {name: os.environ[name] for name in CPU_KERNELS}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=runtime_env)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+    else:  # the dashboard serves Ray's state API, which Ray Train's controller polls: on loopback only
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 runtime_env=runtime_env)
 
 
 Tables = list[tuple[str, list[dict]]]  # (heading, rows) of a job's result tables

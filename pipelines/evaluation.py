@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from actors.model_host import ModelGroup
 from actors.stages import generate_responses
+from actors.workers import Workers
 from w2s.config import StrictModel
 from w2s.metrics import gold_scores
 from w2s.modeling import ModelSpec
@@ -30,17 +30,29 @@ class GenerationConfig(StrictModel):
     seed: int = 0
 
 
-def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path],
-                  generation: GenerationConfig) -> tuple[dict[str, dict], pa.Table]:
-    """Scores {model: {helpful, harmless, total}} and the generations (`<model>_response`, `<model>_gold`)."""
+def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path], generation: GenerationConfig,
+                  workers: Workers) -> tuple[dict[str, dict], pa.Table]:
+    """Scores {model: {helpful, harmless, total}} and the generations (`<model>_response`, `<model>_gold`).
+
+    Models with the same weights generate once (naive SFT is the student's round 0), and the distinct
+    ones go through the job's hosts as many at a time as it has."""
     prompts = pq.read_table(prompts_path)
     specs = {name: ModelSpec(path=str(path)) for name, path in models.items()}
-    print(f"[evaluate] generating on {prompts.num_rows} held-out prompts with {', '.join(specs)}", flush=True)
-    g = generation
-    with ModelGroup(specs) as group:
-        table = generate_responses(prompts, group.hosts, g.max_new_tokens, g.batch_size, g.do_sample,
-                                   g.temperature, g.top_k, g.seed)
-    rows = table.to_pylist()
+    first: dict[tuple, str] = {}  # distinct model -> the first name it goes by
+    same = {name: first.setdefault(workers.hosts.identity(spec), name) for name, spec in specs.items()}
+    names = list(first.values())
+    at_once = workers.hosts.max_hosts
+    print(f"[evaluate] generating on {prompts.num_rows} held-out prompts with {', '.join(specs)} ({len(names)} "
+          f"distinct models, {min(at_once, len(names))} at a time)", flush=True)
+    g, responses = generation, {}
+    for i in range(0, len(names), at_once):
+        hosts = workers.host({name: specs[name] for name in names[i:i + at_once]})
+        table = generate_responses(prompts, hosts, g.max_new_tokens, g.batch_size, g.do_sample, g.temperature,
+                                   g.top_k, g.seed)
+        responses.update({name: table[f"{name}_response"] for name in hosts})
+    for name in specs:
+        prompts = prompts.append_column(f"{name}_response", responses[same[name]])
+    rows = prompts.to_pylist()
     scores = {}
     for name in models:
         for row in rows:

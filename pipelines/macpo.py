@@ -7,7 +7,7 @@ Agents: N weak teachers and one strong student, each a positive agent plus a neg
              student:    positive = strong base + SFT on the teachers' positive generations (half B:
                          weak labels; this is also the naive-SFT baseline)
                          negative = student positive + SFT on the teachers' negative generations (half B)
-    round r  1. every agent generates on the round's prompts (one ModelGroup, Ray Data)
+    round r  1. every agent generates on the round's prompts (the job's model hosts, Ray Data)
              2. student pairs: chosen = the teacher positive the student finds most likely (mean
                 per-token log-prob), rejected = the student's negative agent's response
              3. teacher pairs: chosen = the student's positive response, rejected = the teacher's
@@ -41,9 +41,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from actors.model_host import ModelGroup
 from actors.stages import generate_responses, score_by_host
-from actors.trainer import TrainConfig, train
+from actors.trainer import TrainConfig
+from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
                                   knowledge_transfer, plot_lines)
 from pipelines.prepare import PretrainStage, load_prepare, model_positions_of, prepare, pretrained_base
@@ -104,14 +104,15 @@ def _log(msg: str) -> None:
 class Stages:
     """The finished stages of one run: `<run>/stages/<name>/`, complete once `.complete` is written."""
 
-    def __init__(self, run: RunDir, config: MACPOConfig, max_length: int):
+    def __init__(self, run: RunDir, config: MACPOConfig, max_length: int, workers: Workers):
         """The stages of `run`, which must hold this config's run (RunDir.claim) or none yet."""
         run.claim(config)  # stage folders are keyed by name only: they are this config's, or refused
         self.cache = Cache(run.path / "stages")  # stage folders by name: one run has one of each
-        self.storage = (run.path / "ray_train").resolve()  # Ray Train checkpoints, for a killed stage
+        self.storage = (run.path / "ray_train").resolve()  # checkpoints of a killed training stage
         self.cache.root.mkdir(parents=True, exist_ok=True)
         self.worker_cpus = config.worker_cpus
         self.max_length = max_length
+        self.workers = workers
 
     def run(self, name: str, build) -> Path:
         """The stage's folder, built by `build(folder)` unless already complete."""
@@ -120,35 +121,25 @@ class Stages:
     def train(self, jobs: dict[str, tuple[TrainConfig, Path, pa.Table]]) -> dict[str, Path]:
         """Train independent stages `{name: (config, init model, data)}` at once; their trained models.
 
-        Each stage is its own Ray Train run, started from its own thread, as many at once as the
-        cluster holds (a run left waiting for resources would hit Ray Train's worker-group startup
-        timeout). A stage that fails does not stop the others; its error is raised once all have
-        ended, so finished ones are kept.
+        Each stage is handed to the job's training workers from its own thread: they train side by side
+        as far as the cluster holds several worker groups (TrainingWorkers), else one after another. A
+        stage that fails does not stop the others; its error is raised once all have ended, so finished
+        ones are kept.
         """
         def one(name: str) -> Path:
             config, init_model, table = jobs[name]
 
             def build(path: Path) -> None:
                 pq.write_table(table, path / "data.parquet")
-                summary = train(config, init_model, path / "data.parquet", path / "model", name, self.storage,
-                                self.max_length, cpus_per_worker=self.worker_cpus)
+                summary = self.workers.train(config, init_model, path / "data.parquet", path / "model", name,
+                                             self.storage, self.max_length, cpus_per_worker=self.worker_cpus)
                 (path / "train_summary.json").write_text(json.dumps(summary))
 
             return self.run(name, build) / "model"
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), self._fits_at_once(jobs)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
             futures = {name: pool.submit(one, name) for name in jobs}
         return {name: future.result() for name, future in futures.items()}
-
-    def _fits_at_once(self, jobs: dict) -> int:
-        """How many of these training stages the cluster can run side by side."""
-        import ray
-
-        resources = ray.cluster_resources()
-        workers = max(config.num_workers for config, _, _ in jobs.values()) if jobs else 1
-        if resources.get("GPU", 0) > 0 and all(config.use_gpu is not False for config, _, _ in jobs.values()):
-            return int(resources["GPU"] // workers)
-        return int(resources.get("CPU", 0) // (workers * self.worker_cpus))
 
     def placement(self) -> dict[str, list[str]]:
         """Node ids each stage ran on: model hosts (placement.json) and training workers."""
@@ -163,35 +154,45 @@ class Stages:
         return out
 
 
+PAIRS_SCHEMA = pa.schema([(k, pa.string()) for k in ("agent", "prompt", "chosen", "rejected", "chosen_from")])
+
+
 def _sft_table(prompts: list[str], responses: list[str]) -> pa.Table:
     return pa.table({"prompt": pa.array(prompts, pa.string()), "response": pa.array(responses, pa.string())})
 
 
-def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0) -> dict:
-    """One MACPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too)."""
+def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0, workers: Workers | None = None) -> dict:
+    """One MACPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too).
+    `workers`: the calling job's hosts and training workers (None: started here for this run)."""
     start = time.perf_counter()
     config = offset_seeds(config, seed)
     prepare_config = load_prepare(config.prepare, config.cache_dir, seed)
     max_length = _max_length(config, prepare_config)
-    stages = Stages(run, config, max_length)
-    run.claim(prepare_config, "prepare.yaml")  # the prepare file can change between a kill and a rerun
-    prepared = prepare(prepare_config)
-    run.link("data", prepared.data)
-    pairs = [json.loads(line) for line in (prepared.data / "pairs.jsonl").read_text().splitlines()]
+    with job_workers(workers, run.path / "ray_train", placement=config.placement) as workers:
+        stages = Stages(run, config, max_length, workers)
+        run.claim(prepare_config, "prepare.yaml")  # the prepare file can change between a kill and a rerun
+        prepared = prepare(prepare_config, workers=workers)
+        run.link("data", prepared.data)
+        history, set_aside, pair_gold = _rounds(config, prepared, stages, max_length, run)
+        metrics = _evaluate(config, prepared, history, [t.name for t in config.teachers], set_aside, pair_gold,
+                            run, workers)
+    run.update_metrics({"wall_seconds": {"macpo": round(time.perf_counter() - start, 1)},
+                        "methods": {"macpo": {"stage_seconds": stages.cache.seconds, "stage_nodes": stages.placement()}}})
+    return metrics
+
+
+def _initialise(config: MACPOConfig, prepared, stages: Stages, pairs: list[dict], max_length: int) -> dict[str, Path]:
+    """Every agent's starting model: teachers from gold half A, the student from the teachers' outputs on half B."""
     half_a, half_b = split_halves(pairs)  # teachers learn from gold on A; the student sees only B
     teachers = [t.name for t in config.teachers]
-    eval_prompts = pq.read_table(prepared.data / "eval_prompts.parquet", columns=["prompt"])["prompt"].to_pylist()
-    check_room_to_generate(config, [p["prompt"] for p in pairs] + eval_prompts,
-                           load_tokenizer(prepared.models["strong_base"]), max_length)
-
-    # -- initialisation
+    workers = stages.workers
     agents: dict[str, Path] = {}
     prompts = [p["prompt"] for p in half_a]
     init_jobs = {}
     for teacher in config.teachers:
         base = (prepared.models["weak_base"] if teacher.pretrain is None else
-                pretrained_base(Cache(config.cache_dir), prepared.world, prepared.world_key, prepared.data, teacher.pretrain,
-                                f"teacher_base_{teacher.name}", max_length))
+                pretrained_base(Cache(config.cache_dir), prepared.world, prepared.world_key, prepared.data,
+                                teacher.pretrain, f"teacher_base_{teacher.name}", max_length, workers))
         init_jobs[f"init_{teacher.name}"] = (config.sft, base, _sft_table(prompts, [p["chosen"] for p in half_a]))
         init_jobs[f"init_{teacher.name}_negative"] = (config.sft, base,
                                                        _sft_table(prompts, [p["rejected"] for p in half_a]))
@@ -201,11 +202,10 @@ def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0) -> dict:
     prompts_b = pa.table({"prompt": [p["prompt"] for p in half_b]})
 
     def build_weak_labels(path: Path) -> None:
-        hosts = {name: agents[name] for t in teachers for name in (t, f"{t}_negative")}
-        with ModelGroup(_specs(hosts), strategy=config.placement) as group:
-            (path / "placement.json").write_text(json.dumps(group.where()))
-            table = generate_responses(prompts_b, group.hosts, **_generation(config.generation))
-        pq.write_table(table, path / "generations.parquet")
+        hosts = workers.host(_specs({name: agents[name] for t in teachers for name in (t, f"{t}_negative")}))
+        (path / "placement.json").write_text(json.dumps(workers.hosts.where(hosts)))
+        pq.write_table(generate_responses(prompts_b, hosts, **_generation(config.generation)),
+                       path / "generations.parquet")
 
     labels = pq.read_table(stages.run("weak_labels", build_weak_labels) / "generations.parquet").to_pylist()
     label_prompts = [row["prompt"] for row in labels for _ in teachers]
@@ -215,17 +215,27 @@ def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0) -> dict:
     # the negative agent starts from the student (it must first know the task), so it trains after it
     agents["student_negative"] = stages.train({"init_student_negative": (student_sft, agents["student"], _sft_table(
         label_prompts, [row[f"{t}_negative_response"] for row in labels for t in teachers]))})["init_student_negative"]
-    history = [dict(agents)]  # the agents after each round; round 0 = initialisation
+    return agents
 
-    # -- rounds
+
+def _rounds(config: MACPOConfig, prepared, stages: Stages, max_length: int, run: RunDir) -> tuple[list[dict], dict, dict]:
+    """The agents after initialisation and after every round; pairs set aside and the gold reward of each round's pairs."""
+    pairs = [json.loads(line) for line in (prepared.data / "pairs.jsonl").read_text().splitlines()]
+    eval_prompts = pq.read_table(prepared.data / "eval_prompts.parquet", columns=["prompt"])["prompt"].to_pylist()
+    check_room_to_generate(config, [p["prompt"] for p in pairs] + eval_prompts,
+                           load_tokenizer(prepared.models["strong_base"]), max_length)
+    agents = _initialise(config, prepared, stages, pairs, max_length)
+    half_b = split_halves(pairs)[1]
+    teachers = [t.name for t in config.teachers]
+    history = [dict(agents)]  # the agents after each round; round 0 = initialisation
     set_aside: dict[str, dict[str, int]] = {}  # round -> reason -> pairs
     pair_gold: dict[str, dict] = {}  # what each round's pairs teach, by the gold reward
     for r in range(1, config.rounds + 1):
         offset = (r - 1) * config.round_prompts
-        chosen_rows = [half_b[(offset + i) % len(half_b)] for i in range(min(config.round_prompts, len(half_b)))]
-        round_prompts = pa.table({"prompt": [p["prompt"] for p in chosen_rows]})
-        pairs_dir = stages.run(f"round{r}_pairs", lambda path, r=r, round_prompts=round_prompts: _round_pairs(
-            config, agents, teachers, round_prompts, max_length, path))
+        prompt_rows = [half_b[(offset + i) % len(half_b)] for i in range(min(config.round_prompts, len(half_b)))]
+        round_prompts = pa.table({"prompt": [p["prompt"] for p in prompt_rows]})
+        pairs_dir = stages.run(f"round{r}_pairs", lambda path, round_prompts=round_prompts: _round_pairs(
+            config, agents, teachers, round_prompts, max_length, path, stages.workers))
         round_pairs = pq.read_table(pairs_dir / "pairs.parquet")
         run.write_examples(f"macpo_round{r}_pairs", round_pairs)
         reasons = pq.read_table(pairs_dir / "set_aside.parquet", columns=["reason"])["reason"].to_pylist()
@@ -241,11 +251,7 @@ def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0) -> dict:
         for name, model in stages.train(round_jobs).items():  # the agents of a round are independent
             agents[name.removeprefix(f"round{r}_")] = model
         history.append(dict(agents))
-
-    metrics = _evaluate(config, prepared, history, teachers, set_aside, pair_gold, run)
-    run.update_metrics({"wall_seconds": {"macpo": round(time.perf_counter() - start, 1)},
-                        "methods": {"macpo": {"stage_seconds": stages.cache.seconds, "stage_nodes": stages.placement()}}})
-    return metrics
+    return history, set_aside, pair_gold
 
 
 def _max_length(config: MACPOConfig, prepare_config) -> int:
@@ -340,32 +346,30 @@ def pairs_gold_reward(world, pairs: pa.Table) -> dict[str, dict]:
 
 
 def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[str], prompts: pa.Table,
-                 max_length: int, path: Path) -> None:
+                 max_length: int, path: Path, workers: Workers) -> None:
     """Generate with every agent, build the contrastive pairs both ways, score their references."""
-    with ModelGroup(_specs(agents), strategy=config.placement) as group:
-        (path / "placement.json").write_text(json.dumps(group.where()))
-        gen = generate_responses(prompts, group.hosts, **_generation(config.generation)).to_pylist()
-        # the student's likelihood of each teacher's positive response picks its chosen one
-        candidates = pa.Table.from_pylist([{"prompt": row["prompt"], "response": row[f"{t}_response"],
-                                            "host": "student", "teacher": t, "i": i}
-                                           for i, row in enumerate(gen) for t in teachers])
-        scored = score_by_host(candidates, group.hosts, "host", ("response",), "student_",
-                               config.score_batch_size).to_pylist()
-        usable, aside = check_pairs(contrastive_pairs(gen, scored, teachers), load_tokenizer(agents["student"]),
-                                    max_length, f"{path.name}/pairs")
-        table = pa.Table.from_pylist(usable)
-        # DPO reference = each positive agent as it starts the round, scored once here
-        table = score_by_host(table, group.hosts, "agent", ("chosen", "rejected"), "ref_", config.score_batch_size)
+    hosts = workers.host(_specs(agents))
+    (path / "placement.json").write_text(json.dumps(workers.hosts.where(hosts)))
+    gen = generate_responses(prompts, hosts, **_generation(config.generation)).to_pylist()
+    # the student's likelihood of each teacher's positive response picks its chosen one
+    candidates = pa.Table.from_pylist([{"prompt": row["prompt"], "response": row[f"{t}_response"],
+                                        "host": "student", "teacher": t, "i": i}
+                                       for i, row in enumerate(gen) for t in teachers])
+    scored = score_by_host(candidates, hosts, "host", ("response",), "student_", config.score_batch_size).to_pylist()
+    usable, aside = check_pairs(contrastive_pairs(gen, scored, teachers), load_tokenizer(agents["student"]),
+                                max_length, f"{path.name}/pairs")
+    table = pa.Table.from_pylist(usable, schema=PAIRS_SCHEMA)
+    # DPO reference = each positive agent as it starts the round, scored once here
+    table = score_by_host(table, hosts, "agent", ("chosen", "rejected"), "ref_", config.score_batch_size)
     pq.write_table(pa.Table.from_pylist(gen), path / "generations.parquet")
     pq.write_table(table, path / "pairs.parquet")
-    pq.write_table(pa.Table.from_pylist(aside, schema=pa.schema(
-        [(k, pa.string()) for k in ("agent", "prompt", "chosen", "rejected", "chosen_from", "reason")])),
-        path / "set_aside.parquet")
+    pq.write_table(pa.Table.from_pylist(aside, schema=PAIRS_SCHEMA.append(pa.field("reason", pa.string()))),
+                   path / "set_aside.parquet")
     _log(f"{path.name}: {table.num_rows} pairs, {len(aside)} set aside (empty, equal or too long)")
 
 
 def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list[str], set_aside: dict,
-              pair_gold: dict, run: RunDir) -> dict:
+              pair_gold: dict, run: RunDir, workers: Workers) -> dict:
     references = ("weak_aligned", "strong_ceiling", "strong_base")
     models = {name: prepared.models[name] for name in references}
     models["naive_sft"] = history[0]["student"]
@@ -373,7 +377,7 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
         for agent in ["student", *teachers]:
             models[f"{agent}_r{r}"] = agents[agent]
     scores, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", models,
-                                        config.eval_generation)
+                                        config.eval_generation, workers)
     run.write_examples("eval_generations", generations)
     for name, path in models.items():
         run.link(f"checkpoints/{name}", path)

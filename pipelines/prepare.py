@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from actors.model_host import ModelGroup
 from actors.stages import score_preferences
-from actors.trainer import TrainConfig, train
+from actors.trainer import TrainConfig
+from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
 from w2s.config import StrictModel, load_config, offset_seeds
 from w2s.modeling import GPTSize, ModelSpec, init_gpt2, resolve_max_length, weights_fingerprint
@@ -87,7 +87,7 @@ def max_length_of(config: PrepareConfig) -> int:
 
 
 def pretrained_base(cache: Cache, world: World, world_key: str, data: Path, stage: PretrainStage, name: str,
-                    max_length: int, tensorboard_root: Path | None = None) -> Path:
+                    max_length: int, workers: Workers, tensorboard_root: Path | None = None) -> Path:
     """A GPT-2 of `stage.size` pretrained on a view of the world corpus (cached by world, stage config, max_length)."""
     resolve_max_length(max_length, {f"{name} size": stage.size.n_positions})
     key = content_hash("pretrain-v2", world_key, stage, max_length)
@@ -98,9 +98,8 @@ def pretrained_base(cache: Cache, world: World, world_key: str, data: Path, stag
             corpus = path / f"corpus_view{stage.corpus_view}.parquet"
             pq.write_table(pa.table({"text": world.corpus(stage.corpus_view)}), corpus)
         init_gpt2(stage.size, build_tokenizer(), path / "init", stage.train.seed)
-        train(stage.train, path / "init", corpus, path / "model", f"{name}-{key}",
-              cache.root / "ray_train", max_length,
-              tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
+        workers.train(stage.train, path / "init", corpus, path / "model", f"{name}-{key}", cache.root / "ray_train",
+                      max_length, tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
 
     return cache.build(name, key, build, _log) / "model"
 
@@ -113,8 +112,9 @@ class Prepared:
     models: dict[str, Path]  # MODELS -> HF checkpoint folders
 
 
-def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
-    """Build (or reuse) the four models; when `run` is given, evaluate them and write the report."""
+def prepare(config: PrepareConfig, run: RunDir | None = None, workers: Workers | None = None) -> Prepared:
+    """Build (or reuse) the four models; when `run` is given, evaluate them and write the report.
+    `workers`: the calling job's hosts and training workers (None: started here for this call)."""
     max_length = max_length_of(config)
     cache = Cache(config.cache_dir)
     world = World(config.world)
@@ -132,19 +132,29 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
     if run is not None:
         run.link("data", data)  # corpus, gold pairs and held-out prompts of this world
 
+    with job_workers(workers, storage) as workers:
+        models = _build_models(config, cache, world, world_key, data, max_length, workers, run)
+        if run is not None:
+            evaluate(config, world, data / "eval_prompts.parquet", models, run, workers)
+    return Prepared(world, world_key, data, models)
+
+
+def _build_models(config: PrepareConfig, cache: Cache, world: World, world_key: str, data: Path, max_length: int,
+                  workers: Workers, run: RunDir | None) -> dict[str, Path]:
+    """Pretrain both bases, score the gold pairs under them, DPO each: the four models, cached."""
+    storage = cache.root / "ray_train"
     models: dict[str, Path] = {}
     for side in ("weak", "strong"):
         models[f"{side}_base"] = pretrained_base(cache, world, world_key, data, getattr(config, side), f"{side}_base",
-                                                 max_length, run.path / "tensorboard" if run else None)
+                                                 max_length, workers, run.path / "tensorboard" if run else None)
 
     fingerprints = {name: weights_fingerprint(path) for name, path in models.items()}
     pairs_key = content_hash("pairs-v2", world_key, fingerprints, max_length)
 
     def build_scored(path: Path) -> None:
-        specs = {role: ModelSpec(path=str(models[role])) for role in ("weak_base", "strong_base")}
-        with ModelGroup(specs) as group:
-            result = score_preferences(data / "pairs.jsonl", group.hosts, path, tokenizer_path=str(models["weak_base"]),
-                                       max_length=max_length, batch_size=config.score_batch_size)
+        hosts = workers.host({role: ModelSpec(path=str(models[role])) for role in ("weak_base", "strong_base")})
+        result = score_preferences(data / "pairs.jsonl", hosts, path, tokenizer_path=str(models["weak_base"]),
+                                   max_length=max_length, batch_size=config.score_batch_size)
         _log(f"scored {result.n_scored} gold pairs; {result.report}")
 
     scored = cache.build("scored_pairs", pairs_key, build_scored, _log) / "scored.parquet"
@@ -154,19 +164,18 @@ def prepare(config: PrepareConfig, run: RunDir | None = None) -> Prepared:
         key = content_hash("dpo-v2", pairs_key, fingerprints[base], config.align, max_length)
 
         def build_aligned(path: Path, base=base, out_name=out_name, key=key) -> None:
-            train(config.align, models[base], scored, path / "model", f"{out_name}-{key}", storage, max_length,
-                  tensorboard_dir=run.path / "tensorboard" / out_name if run else None, reference=base)
+            workers.train(config.align, models[base], scored, path / "model", f"{out_name}-{key}", storage,
+                          max_length, tensorboard_dir=run.path / "tensorboard" / out_name if run else None,
+                          reference=base)
 
         models[out_name] = cache.build(out_name, key, build_aligned, _log) / "model"
-
-    if run is not None:
-        evaluate(config, world, data / "eval_prompts.parquet", models, run)
-    return Prepared(world, world_key, data, models)
+    return models
 
 
-def evaluate(config: PrepareConfig, world: World, prompts_path: Path, models: dict[str, Path], run: RunDir) -> dict:
+def evaluate(config: PrepareConfig, world: World, prompts_path: Path, models: dict[str, Path], run: RunDir,
+             workers: Workers) -> dict:
     """Generate with every model on the held-out prompts, score with the gold reward, report."""
-    scores, generations = gold_evaluate(world, prompts_path, models, config.generation)
+    scores, generations = gold_evaluate(world, prompts_path, models, config.generation, workers)
     run.write_examples("eval_generations", generations)
     for name, path in models.items():
         run.link(f"checkpoints/{name}", path)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from actors.model_host import ModelGroup
 from actors.stages import score_preferences
+from actors.workers import Workers, job_workers
 from w2s.config import StrictModel
 from w2s.modeling import ModelSpec, load_tokenizer, model_positions, resolve_max_length, same_tokenization
 from w2s.runs import RunDir
@@ -44,15 +44,16 @@ def check_same_tokenizer(models: dict[str, ModelSpec]) -> None:
                                              "per-token scores need one shared tokenizer")
 
 
-def score(config: ScoreConfig, run: RunDir) -> dict:
+def score(config: ScoreConfig, run: RunDir, workers: Workers | None = None) -> dict:
+    """`workers`: the calling job's model hosts (None: started here, hosts only: nothing is trained)."""
     if config.require_same_tokenizer:
         check_same_tokenizer(config.models)
     max_length = resolve_max_length(config.max_length, {role: model_positions(spec.path)
                                                         for role, spec in config.models.items()})
-    with ModelGroup(config.models) as group:
+    with job_workers(workers, run.path / "ray_train") as workers:
         first = next(iter(config.models.values())).path
-        result = score_preferences(config.data, group.hosts, run.path / "examples", tokenizer_path=first,
-                                   max_length=max_length, batch_size=config.batch_size)
+        result = score_preferences(config.data, workers.host(config.models), run.path / "examples",
+                                   tokenizer_path=first, max_length=max_length, batch_size=config.batch_size)
     print(f"[score] scored {result.n_scored} rows -> {result.scored_path}\n[score] {result.report}", flush=True)
     return run.update_metrics({"scoring": {"data": config.data, "scored_rows": result.n_scored,
                                            "set_aside_rows": result.n_rejected}})

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from actors.model_host import ModelGroup
 from actors.stages import score_preferences
-from actors.trainer import TrainConfig, train
+from actors.trainer import TrainConfig
+from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, examples_table, gold_evaluate, knowledge_transfer, plot_lines,
                                   plot_scores)
 from pipelines.prepare import load_prepare, prepare
@@ -104,24 +104,30 @@ def _data_fingerprint(path: str) -> list:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0) -> dict:
-    """One WSPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too)."""
+def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0, workers: Workers | None = None) -> dict:
+    """One WSPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too).
+    `workers`: the calling job's hosts and training workers (None: started here for this run)."""
     start = time.perf_counter()
     config = offset_seeds(config, seed)
     run.claim(config)
-    prepared = None
-    if config.prepare is not None:
-        _log(f"embedded world from {config.prepare} (cached models are reused)")
-        prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed))
-        models = {"weak_aligned": ModelSpec(path=str(prepared.models["weak_aligned"])),
-                  "weak_base": ModelSpec(path=str(prepared.models["weak_base"])),
-                  "strong": ModelSpec(path=str(prepared.models["strong_base"]))}
-        data = str(prepared.data / "pairs.jsonl")
-        run.link("data", prepared.data)
-    else:
-        models, data = config.models.model_dump(), config.data
-        models = {role: ModelSpec(**spec) for role, spec in models.items()}
+    with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train") as workers:
+        return _run_wspo(config, run, seed, workers, start)
 
+
+def _models_and_data(config: WSPOConfig, run: RunDir, seed: int, workers: Workers):
+    """(the prepared world or None, {weak_aligned, weak_base, strong}: ModelSpec, the preference data)."""
+    if config.prepare is None:
+        return None, {role: ModelSpec(**spec) for role, spec in config.models.model_dump().items()}, config.data
+    _log(f"embedded world from {config.prepare} (cached models are reused)")
+    prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed), workers=workers)
+    run.link("data", prepared.data)
+    return prepared, {"weak_aligned": ModelSpec(path=str(prepared.models["weak_aligned"])),
+                      "weak_base": ModelSpec(path=str(prepared.models["weak_base"])),
+                      "strong": ModelSpec(path=str(prepared.models["strong_base"]))}, str(prepared.data / "pairs.jsonl")
+
+
+def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, start: float) -> dict:
+    prepared, models, data = _models_and_data(config, run, seed, workers)
     # All four models index the same token positions: refuse different tokenizers, or a max_length one
     # cannot take, before scoring.
     check_same_tokenizer(models)
@@ -138,10 +144,8 @@ def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0) -> dict:
 
     def build_scores(scores_dir: Path) -> None:
         _log(f"scoring {'+'.join(sides)} responses of {data} under {', '.join(hosts)} (Ray Data)")
-        with ModelGroup(hosts) as group:
-            result = score_preferences(data, group.hosts, scores_dir, tokenizer_path=models["strong"].path,
-                                       max_length=max_length, batch_size=config.score_batch_size,
-                                       responses=sides)
+        result = score_preferences(data, workers.host(hosts), scores_dir, tokenizer_path=models["strong"].path,
+                                   max_length=max_length, batch_size=config.score_batch_size, responses=sides)
         _log(f"scored {result.n_scored} rows; {result.report}")
         pq.write_table(training_table(pq.read_table(result.scored_path), config.responses),
                        scores_dir / "train.parquet")
@@ -154,14 +158,14 @@ def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0) -> dict:
     storage = cache.root / "ray_train"
     trained: dict[float, Path] = {}
     summaries: dict[float, dict] = {}
-    for gamma in config.gammas():
+    for gamma in config.gammas():  # one after another on the same training workers
         stage = config.train.model_copy(update={"gamma": gamma})
         key = content_hash("wspo-v3", scores_key, fingerprints["strong"], stage, max_length)
 
         def build_model(path: Path) -> None:  # called right away by cache.build, inside this iteration
-            summary = train(stage, models["strong"].path, train_data, path / "model", f"wspo-{key}", storage,
-                            max_length, tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}",
-                            reference="strong_ref")
+            summary = workers.train(stage, models["strong"].path, train_data, path / "model", f"wspo-{key}", storage,
+                                    max_length, tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}",
+                                    reference="strong_ref")
             (path / "train_summary.json").write_text(json.dumps(summary))
 
         path = cache.build("wspo", key, build_model, lambda msg: _log(f"gamma {gamma}, {msg}"))
@@ -183,7 +187,7 @@ def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0) -> dict:
                                   "the checkpoints in `checkpoints/` with your own judge.",
                                   markdown_table([{"gamma": g, "model": str(p)} for g, p in trained.items()])])
         return metrics
-    metrics = _evaluate(config, prepared, trained, summaries, section, run)
+    metrics = _evaluate(config, prepared, trained, summaries, section, run, workers)
     run.update_metrics({"wall_seconds": {"wspo": round(time.perf_counter() - start, 1)}})
     return metrics
 
@@ -193,12 +197,12 @@ def _name(gamma: float) -> str:
 
 
 def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summaries: dict[float, dict], section: dict,
-              run: RunDir) -> dict:
+              run: RunDir, workers: Workers) -> dict:
     """Gold reward of the reference models and every WSPO model on the held-out prompts; PGR on total."""
     models = {name: prepared.models[name] for name in REFERENCES}
     models.update({_name(g): path for g, path in trained.items()})
     scores, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", models,
-                                        config.generation)
+                                        config.generation, workers)
     run.write_examples("eval_generations", generations)
     weak, ceiling = scores["weak_aligned"]["total"], scores["strong_ceiling"]["total"]
     def last_batch(gamma: float) -> dict:  # the mechanism at work: amplification -> 1/gamma at the optimum

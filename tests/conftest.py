@@ -1,6 +1,10 @@
 """Shared fixtures: a real local Ray cluster and tiny real checkpoints saved by the tests."""
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -11,15 +15,59 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)  # never a cluster already running here
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",  # Ray Train polls its state API
+             log_to_driver=True)  # never a cluster already running here
     yield ray
     ray.shutdown()
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job_env(checkpoint_pause: float = 0) -> dict:
+    """The environment a job started by a test runs in: this checkout, and its own local Ray.
+    `checkpoint_pause`: seconds its training workers wait after each checkpoint (to be killed there)."""
+    from actors.trainer import CHECKPOINT_PAUSE
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           CHECKPOINT_PAUSE: str(checkpoint_pause)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@dataclass
+class TinyPrepared:
+    cache: Path  # the content-hash cache every method job's test shares
+    cwd: Path  # where the job ran (its relative runs/ folder is here)
+    output: str  # what it printed
+    run: Path  # its run folder
+
+
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory):
-    """A content-hash cache shared by the method jobs' tests: the tiny world is prepared once for all."""
-    return tmp_path_factory.mktemp("tiny_cache")
+def tiny_prepared(tmp_path_factory) -> TinyPrepared:
+    """`python -m jobs.prepare` on the tiny world, as a user runs it from another working directory, into the
+    cache the method jobs' tests share: the tiny world is prepared once for all of them."""
+    cwd = tmp_path_factory.mktemp("tiny_prepare")
+    cache = cwd / "cache"
+    done = subprocess.run([sys.executable, "-m", "jobs.prepare", "--config", str(ROOT / "configs/tiny.yaml"),
+                           "--set", f"cache_dir={cache}"], cwd=cwd, env=job_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return TinyPrepared(cache, cwd, done.stdout + done.stderr, cwd / "runs" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_prepared) -> Path:
+    return tiny_prepared.cache
+
+
+@pytest.fixture(scope="session")
+def workers(ray_local, tmp_path_factory):
+    """One set of model hosts and training workers shared by the in-process tests, as a job shares its own."""
+    from actors.workers import Workers
+
+    with Workers(tmp_path_factory.mktemp("workers")) as shared:
+        yield shared
 
 
 @pytest.fixture(scope="session")

@@ -86,15 +86,15 @@ def test_config_errors_name_the_field():
 def test_stages_skip_finished_work_and_guard_the_run(tmp_path):
     config = _config(runs_dir=str(tmp_path))
     run = RunDir(tmp_path, config.run_name)
-    stages = Stages(run, config, max_length=96)
+    stages = Stages(run, config, max_length=96, workers=None)
     built = []
     stages.run("one", lambda path: built.append(path.name))
     with pytest.raises(ZeroDivisionError):  # a stage killed half-way leaves no marker...
         stages.run("two", lambda path: 1 / 0)
 
     with pytest.raises(RunExistsError, match="holds a run of another config .*add --overwrite"):
-        Stages(RunDir(tmp_path, config.run_name), config.model_copy(update={"rounds": 5}), max_length=96)
-    resumed = Stages(RunDir(tmp_path, config.run_name), config, max_length=96)  # the same config again continues
+        Stages(RunDir(tmp_path, config.run_name), config.model_copy(update={"rounds": 5}), max_length=96, workers=None)
+    resumed = Stages(RunDir(tmp_path, config.run_name), config, max_length=96, workers=None)  # the same config again continues
     resumed.run("one", lambda path: built.append("again"))  # finished: skipped
     resumed.run("two", lambda path: built.append(path.name))  # ...so it runs again
     assert built == ["one", "two"]
@@ -104,7 +104,7 @@ def test_stages_skip_finished_work_and_guard_the_run(tmp_path):
     with pytest.raises(RunExistsError, match="prepare.yaml differs"):
         run.claim(load_prepare(config.prepare, config.cache_dir, seed=1), "prepare.yaml")
     fresh = RunDir(tmp_path, config.run_name, fresh=True)  # --overwrite: the folder starts afresh
-    Stages(fresh, config.model_copy(update={"rounds": 5}), max_length=96)
+    Stages(fresh, config.model_copy(update={"rounds": 5}), max_length=96, workers=None)
     assert not (fresh.path / "stages" / "one").exists()
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, job_env
+
 JOB = [sys.executable, str(ROOT / "tests/scripts/two_node_job.py"), "jobs.macpo", "--config", "configs/tiny_macpo.yaml"]
 
 
@@ -29,16 +30,10 @@ def _command(root: Path, cache: Path, name: str, *extra: str) -> list[str]:
             "--set", "rounds=1", "--set", f"student_sft={student_sft}", *extra]
 
 
-def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _start(command: list[str], log: Path) -> subprocess.Popen:
+def _start(command: list[str], log: Path, checkpoint_pause: float = 0) -> subprocess.Popen:
     with open(log, "w") as out:  # its own process group: one killpg takes the driver and both nodes
-        return subprocess.Popen(command, env=_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(command, env=job_env(checkpoint_pause), cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_for(what: str, ready, process: subprocess.Popen, log: Path, timeout: float = 1200):
@@ -121,10 +116,11 @@ def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cach
 
     # 1. kill the driver (and with it the whole two-node cluster) once the student's SFT has a checkpoint
     first_log = work / "killed_first.log"
-    first = _start(_command(work, tiny_cache, "killed"), first_log)
-    # a checkpoint Ray Train has recorded (a checkpoint folder alone may be one it never registered)
+    first = _start(_command(work, tiny_cache, "killed"), first_log, checkpoint_pause=30)  # killed in the pause
+    # a complete checkpoint (a `.partial` one is never resumed from)
     _wait_for("a checkpoint of init_student",
-              lambda: (checkpoints / "init_student" / "checkpoint_manager_snapshot.json").is_file(), first, first_log)
+              lambda: [p for p in (checkpoints / "init_student").glob("step_*") if not p.name.endswith(".partial")],
+              first, first_log)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert (stages / "init_weak_a" / ".complete").is_file()

@@ -1,8 +1,10 @@
-"""`python -m jobs.prepare` end to end on the tiny world, as a user runs it: uninterrupted, killed and run
-again, from cache, and refused (another config, a max_length the models cannot take)."""
+"""`python -m jobs.prepare` end to end on the tiny world, as a user runs it: uninterrupted (the tests' shared
+tiny world, tests/conftest.py), killed and run again, from cache, and refused (another config, a max_length the
+models cannot take)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,47 +13,36 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from conftest import ROOT, job_env
 
 CMD = [sys.executable, "-m", "jobs.prepare", "--config", str(ROOT / "configs/tiny.yaml")]
 
 
-def _env() -> dict:
-    env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _run(tmp_path, *extra: str):
-    # From another working directory, with the config's relative runs/ and .cache/ folders.
-    done = subprocess.run([*CMD, *extra], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+def _run(cwd: Path, *extra: str) -> str:
+    done = subprocess.run([*CMD, *extra], cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 
 
-def _kill_once_checkpointed(cwd: Path, stage: str, log: Path) -> None:
-    """Start the job, and kill -9 it (driver, Ray and workers) once Ray Train has recorded a checkpoint of `stage`."""
+def _kill_once_checkpointed(cwd: Path, extra: list[str], stage: str, log: Path) -> None:
+    """Start the job, and kill -9 it (driver, Ray and workers) once `stage` has a complete checkpoint."""
     with open(log, "w") as out:
-        job = subprocess.Popen(CMD, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        job = subprocess.Popen([*CMD, *extra], cwd=cwd, env=job_env(checkpoint_pause=30), stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
-    while not list((cwd / ".cache/w2s/ray_train").glob(f"{stage}-*/checkpoint_manager_snapshot.json")):
+    while not [p for p in (cwd / "cache/ray_train").glob(f"{stage}-*/step_*") if not p.name.endswith(".partial")]:
         assert job.poll() is None and time.time() < deadline, log.read_text()[-4000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
 
 
-def test_prepare_writes_run_folder_resumes_after_a_kill_and_reuses_cache(tmp_path):
-    calm, killed = tmp_path / "calm", tmp_path / "killed"
-    calm.mkdir(), killed.mkdir()
-    first = _run(calm)
-    run = calm / "runs" / "tiny"
+def test_prepare_writes_its_run_folder_and_reuses_the_cache(tiny_prepared):
+    first, run = tiny_prepared.output, tiny_prepared.run
+    for stage in ("weak_base", "strong_base", "scored_pairs", "weak_aligned", "strong_ceiling"):
+        assert f"{stage}: building" in first
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["models"]) == {"weak_base", "weak_aligned", "strong_base", "strong_ceiling"}
-    for scores in metrics["models"].values():
-        assert set(scores) == {"helpful", "harmless", "total"}
-        assert 0 <= scores["helpful"] <= 1 and scores["total"] == (scores["helpful"] + scores["harmless"]) / 2
     report = (run / "report.md").read_text()
     assert "| model" in report and "strong_ceiling" in report and "plots/gold_reward.png" in report
     assert (run / "plots" / "gold_reward.png").stat().st_size > 1000
@@ -61,26 +52,39 @@ def test_prepare_writes_run_folder_resumes_after_a_kill_and_reuses_cache(tmp_pat
     assert (run / "checkpoints" / "weak_aligned" / "model.safetensors").is_file()
     assert "| weak_base" in first  # the table is printed
 
-    # kill -9 once the strong base has a checkpoint: the same command again reuses the weak base, resumes
-    # the strong base from its checkpoint and ends with the numbers of the uninterrupted run
-    _kill_once_checkpointed(killed, "strong_base", tmp_path / "killed.log")
-    again = _run(killed)
-    assert "weak_base: cached" in again and "[train] resumed from step" in again
-    assert json.loads((killed / "runs/tiny/metrics.json").read_text())["models"] == metrics["models"]
-
-    second = _run(calm)  # everything from the cache, the same numbers
+    second = _run(tiny_prepared.cwd, "--set", f"cache_dir={tiny_prepared.cache}")  # all from the cache
     for stage in ("weak_base", "strong_base", "scored_pairs", "weak_aligned", "strong_ceiling"):
         assert f"{stage}: cached" in second
     assert "building" not in second
     assert json.loads((run / "metrics.json").read_text())["models"] == metrics["models"]
 
-    # the run folder belongs to its config: another is refused, one line and exit code 2, unless --overwrite
-    refused = subprocess.run([*CMD, "--set", "align.lr=0.002"], cwd=calm, env=_env(), capture_output=True, text=True)
+
+def test_prepare_killed_mid_training_continues_to_the_same_numbers(tiny_prepared, tmp_path):
+    """kill -9 once the strong base has a checkpoint; the same command again reuses the weak base, resumes the
+    strong base from its checkpoint and ends with the numbers of the uninterrupted run."""
+    shutil.copytree(tiny_prepared.cache, tmp_path / "cache",
+                    ignore=lambda folder, names: [n for n in names if n.startswith(
+                        ("strong_base", "scored_pairs", "weak_aligned", "strong_ceiling", "workers-", ".strong",
+                         ".scored", ".weak_aligned"))])
+    # a checkpoint after every step (it changes no number); the workers wait after it, and are killed there
+    extra = ["--set", "cache_dir=cache", "--set", "strong.train.checkpoint_every=1"]
+    _kill_once_checkpointed(tmp_path, extra, "strong_base", tmp_path / "killed.log")
+    again = _run(tmp_path, *extra)
+    assert "weak_base: cached" in again and "[train] resumed from step" in again
+    uninterrupted = json.loads((tiny_prepared.run / "metrics.json").read_text())["models"]
+    assert json.loads((tmp_path / "runs/tiny/metrics.json").read_text())["models"] == uninterrupted
+
+
+def test_prepare_refuses_another_config_or_a_max_length_the_models_cannot_take(tiny_prepared):
+    """The run folder belongs to its config: another is refused, one line and exit code 2, unless --overwrite;
+    a value the models cannot take is refused before any work, on screen and in the run's job.log."""
+    cwd = tiny_prepared.cwd
+    refused = subprocess.run([*CMD, "--set", f"cache_dir={tiny_prepared.cache}", "--set", "align.lr=0.002"], cwd=cwd,
+                             env=job_env(), capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert "holds a run of another config" in refused.stderr and "--overwrite" in refused.stderr
-    # a value the models cannot take: refused before any work, one line on screen and in the run's job.log
-    too_long = subprocess.run([*CMD, "--set", "run_name=too_long", "--set", "max_length=200"], cwd=calm, env=_env(),
+    too_long = subprocess.run([*CMD, "--set", "run_name=too_long", "--set", "max_length=200"], cwd=cwd, env=job_env(),
                               capture_output=True, text=True)
     assert too_long.returncode == 2 and "Traceback" not in too_long.stderr, too_long.stderr[-3000:]
     line = "error: max_length 200 is more than weak.size can take (96 positions)"
-    assert line in too_long.stderr and line in (calm / "runs/too_long/job.log").read_text()
+    assert line in too_long.stderr and line in (cwd / "runs/too_long/job.log").read_text()

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors.model_host import ModelGroup
+from actors.model_host import HostPool
 from actors.stages import generate_responses, score_preferences
 from w2s.data import PreferenceDataError
 from w2s.modeling import ModelSpec, load_model, response_logprobs
@@ -24,19 +24,45 @@ GOOD = [
 
 
 @pytest.fixture(scope="module")
-def group(ray_local, checkpoints):
-    specs = {"weak": ModelSpec(path=str(checkpoints["weak"])), "strong": ModelSpec(path=str(checkpoints["strong"]))}
-    with ModelGroup(specs) as g:
-        yield g
+def pool(ray_local):
+    pool = HostPool(max_hosts=3)
+    yield pool
+    pool.shutdown()
 
 
-def test_group_places_each_model_in_its_own_actor(group):
-    where = group.where()
-    assert sorted(w["role"] for w in where) == ["strong", "weak"]
-    assert all(w["device"] == "cpu" for w in where)  # no GPU here: same code, num_gpus=0
+@pytest.fixture
+def hosts(pool, checkpoints):
+    return pool.hosts({"weak": ModelSpec(path=str(checkpoints["weak"])), "strong": ModelSpec(path=str(checkpoints["strong"]))})
 
 
-def test_scoring_attaches_logprobs_and_sets_aside_malformed_rows(group, checkpoints, tmp_path):
+def _pids(hosts) -> dict:
+    import ray
+
+    return {role: ray.get(host.actor.where.remote())["pid"] for role, host in hosts.items()}
+
+
+def test_the_pool_keeps_its_hosts_and_shares_one_between_equal_weights(pool, checkpoints, tmp_path):
+    import shutil
+
+    import ray
+
+    copy = tmp_path / "weak_copy"  # the same weights at another path (naive SFT is the student's round 0)
+    shutil.copytree(checkpoints["weak"], copy)
+    first = pool.hosts({"a": ModelSpec(path=str(checkpoints["weak"])), "b": ModelSpec(path=str(copy)),
+                        "c": ModelSpec(path=str(checkpoints["strong"]))})
+    assert first["a"].actor == first["b"].actor and first["a"].model == first["b"].model  # one host, one load
+    where = {w["pid"]: w for w in pool.where()}
+    assert len(where) == 2 and all(w["device"] == "cpu" for w in where.values())  # no GPU here: same code
+    # a later stage asking for a model a host holds gets that host, already loaded: no new host, no reload
+    again = pool.hosts({"x": ModelSpec(path=str(checkpoints["strong"]))})
+    assert again["x"].actor == first["c"].actor and len(pool.where()) == 2
+    assert ray.get(again["x"].actor.where.remote())["model"] == str(checkpoints["strong"].resolve())
+    with pytest.raises(ValueError, match="needs 4 models at once, more than the job's 3 model hosts"):
+        pool.hosts({f"m{i}": ModelSpec(path=str(p)) for i, p in enumerate(
+            [checkpoints["weak"], checkpoints["strong"], *_other_weights(checkpoints, tmp_path, 2)])})
+
+
+def test_scoring_attaches_logprobs_and_sets_aside_malformed_rows(hosts, checkpoints, tmp_path):
     lines = [json.dumps(GOOD[0]),
              json.dumps({"prompt": "q: x?\na:", "chosen": " red."}),                       # row 1: missing field
              json.dumps({"prompt": "q: x?\na:", "chosen": 7, "rejected": " b."}),          # row 2: wrong type
@@ -47,7 +73,7 @@ def test_scoring_attaches_logprobs_and_sets_aside_malformed_rows(group, checkpoi
              json.dumps(GOOD[2])]
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    result = score_preferences(data, group.hosts, tmp_path / "out", tokenizer_path=str(checkpoints["weak"]),
+    result = score_preferences(data, hosts, tmp_path / "out", tokenizer_path=str(checkpoints["weak"]),
                                max_length=64, batch_size=2)
     assert (result.n_scored, result.n_rejected) == (3, 5)
     bad = pq.read_table(result.rejected_path).to_pylist()
@@ -70,30 +96,30 @@ def test_scoring_attaches_logprobs_and_sets_aside_malformed_rows(group, checkpoi
         assert len(row["weak_chosen_logps"]) == len(tokenizer(row["chosen"])["input_ids"]) + 1
 
 
-def test_unreadable_file_is_a_clear_error(group, tmp_path):
+def test_unreadable_file_is_a_clear_error(hosts, tmp_path):
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"not parquet at all")
     with pytest.raises(PreferenceDataError, match=str(broken)):
-        score_preferences(broken, group.hosts, tmp_path / "out")
+        score_preferences(broken, hosts, tmp_path / "out")
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(PreferenceDataError, match="no usable rows"):
-        score_preferences(only_bad, group.hosts, tmp_path / "out2")
+        score_preferences(only_bad, hosts, tmp_path / "out2")
     assert pq.read_table(tmp_path / "out2" / "rejected_rows.parquet").num_rows == 1  # set aside, not lost
 
 
-def test_generation_keeps_row_order(group):
+def test_generation_keeps_row_order(hosts):
     prompts = pa.table({"prompt": [f"q: n{i} color?\na:" for i in range(7)], "id": list(range(7))})
-    out = generate_responses(prompts, group.hosts, max_new_tokens=4, batch_size=3)
+    out = generate_responses(prompts, hosts, max_new_tokens=4, batch_size=3)
     assert out.column("id").to_pylist() == list(range(7))
     assert {"weak_response", "strong_response"} <= set(out.column_names)
 
 
 
 
-def _kill_host_when(group, role: str, started) -> threading.Thread:
+def _kill_host_when(hosts, role: str, started) -> threading.Thread:
     """A thread that kill -9s `role`'s host process once `started()` is true (the stage has begun)."""
-    pid = next(w["pid"] for w in group.where() if w["role"] == role)
+    pid = _pids(hosts)[role]
 
     def kill():
         deadline = time.time() + 60
@@ -106,41 +132,47 @@ def _kill_host_when(group, role: str, started) -> threading.Thread:
     return thread
 
 
-def test_a_host_killed_during_scoring_or_generation_restarts_and_the_numbers_are_the_same(group, checkpoints,
+def test_a_host_killed_during_scoring_or_generation_restarts_and_the_numbers_are_the_same(hosts, checkpoints,
                                                                                           tmp_path):
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps({**GOOD[i % 2], "prompt": f"q: n{i} color?\na:"}) + "\n" for i in range(120)))
     prompts = pa.table({"prompt": [f"q: n{i} color?\na:" for i in range(60)]})
     kwargs = dict(tokenizer_path=str(checkpoints["weak"]), max_length=96, batch_size=4)
-    calm = pq.read_table(score_preferences(data, group.hosts, tmp_path / "calm", **kwargs).scored_path)
-    calm_text = generate_responses(prompts, group.hosts, max_new_tokens=6, batch_size=4)
-    before = {w["role"]: w["pid"] for w in group.where()}
+    calm = pq.read_table(score_preferences(data, hosts, tmp_path / "calm", **kwargs).scored_path)
+    calm_text = generate_responses(prompts, hosts, max_new_tokens=6, batch_size=4)
+    before = _pids(hosts)
 
-    killer = _kill_host_when(group, "strong", lambda: (tmp_path / "killed").exists())  # made as the stage starts
-    killed = pq.read_table(score_preferences(data, group.hosts, tmp_path / "killed", **kwargs).scored_path)
+    killer = _kill_host_when(hosts, "strong", lambda: (tmp_path / "killed").exists())  # made as the stage starts
+    killed = pq.read_table(score_preferences(data, hosts, tmp_path / "killed", **kwargs).scored_path)
     killer.join()
-    assert killed.equals(calm)
-    restarted = {w["role"]: w["pid"] for w in group.where()}
+    assert killed.equals(calm)  # the restarted host loaded the model the retried calls name
+    restarted = _pids(hosts)
     assert restarted["strong"] != before["strong"] and restarted["weak"] == before["weak"]
 
     generating = threading.Event()
-    killer = _kill_host_when(group, "weak", generating.is_set)
+    killer = _kill_host_when(hosts, "weak", generating.is_set)
     generating.set()
-    assert generate_responses(prompts, group.hosts, max_new_tokens=6, batch_size=4).equals(calm_text)
+    assert generate_responses(prompts, hosts, max_new_tokens=6, batch_size=4).equals(calm_text)
     killer.join()
-    assert {w["role"]: w["pid"] for w in group.where()}["weak"] != before["weak"]
+    assert _pids(hosts)["weak"] != before["weak"]
 
 
-def test_a_host_that_cannot_start_gives_back_its_placement_group(ray_local, checkpoints, tmp_path):
+def test_a_model_that_cannot_load_is_named_and_the_pool_goes_on(pool, checkpoints, tmp_path):
     import shutil
-
-    from ray.util import placement_group_table
 
     broken = tmp_path / "broken"
     shutil.copytree(checkpoints["weak"], broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
-    before = {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
     with pytest.raises(Exception, match="model.safetensors|safetensors|header"):
-        ModelGroup({"weak": ModelSpec(path=str(checkpoints["weak"])), "broken": ModelSpec(path=str(broken))})
-    after = {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
-    assert after == before  # nothing of the failed group is left reserved
+        pool.hosts({"weak": ModelSpec(path=str(checkpoints["weak"])), "broken": ModelSpec(path=str(broken))})
+    hosts = pool.hosts({"weak": ModelSpec(path=str(checkpoints["weak"]))})  # the other hosts still serve
+    assert generate_responses(pa.table({"prompt": ["q: a?\na:"]}), hosts, max_new_tokens=2).num_rows == 1
+
+
+def _other_weights(checkpoints, tmp_path, n: int) -> list:
+    """`n` checkpoints with weights of their own (another seed each)."""
+    from w2s.modeling import GPTSize, init_gpt2
+    from w2s.world import build_tokenizer
+
+    return [init_gpt2(GPTSize(n_layer=1, n_embd=16, n_head=1), build_tokenizer(), tmp_path / f"other{i}", seed=10 + i)
+            for i in range(n)]

@@ -1,6 +1,7 @@
 """The Ray Train + DeepSpeed ZeRO-3 trainer: real workers (gloo on CPU), DPO, what it refuses before they start.
 
-(A training stage killed -9 and resumed from its checkpoint: tests/test_prepare_job.py and test_wspo.py.)
+(A training stage killed -9 and resumed from its checkpoint: tests/test_prepare_job.py and test_wspo.py; a
+training worker killed and restarted by Ray Train: test_macpo_cluster.py.)
 """
 
 from pathlib import Path
@@ -40,12 +41,12 @@ def _margins(model_path, data: Path) -> list[float]:
             for c, j, r in zip(chosen, rejected, rows)]
 
 
-def test_dpo_with_sft_term_on_two_zero3_workers(ray_local, checkpoints, tmp_path):
+def test_dpo_with_sft_term_on_two_zero3_workers(workers, checkpoints, tmp_path):
     data = _scored_pairs(checkpoints["weak"], tmp_path / "pairs.parquet")
     config = TrainConfig(mode="dpo", beta=0.1, sft_weight=0.2, lr=1e-2, epochs=4, batch_size=8, num_workers=2,
-                         checkpoint_every=100, log_every=5)
-    summary = train(config, checkpoints["weak"], data, tmp_path / "aligned", "dpo-test", tmp_path / "storage", 96,
-                    tensorboard_dir=tmp_path / "tb", reference="base")
+                         checkpoint_every=5, log_every=5)
+    summary = workers.train(config, checkpoints["weak"], data, tmp_path / "aligned", "dpo-test", tmp_path / "storage",
+                            96, tensorboard_dir=tmp_path / "tb", reference="base")
     assert summary["world_size"] == 2 and summary["steps"] == 4 * (48 // 16)
     assert summary["torch_threads"] == 1  # one reserved CPU per worker: one thread, on any machine
     assert (tmp_path / "aligned" / "model.safetensors").is_file()  # gathered from the ZeRO-3 shards
@@ -54,28 +55,33 @@ def test_dpo_with_sft_term_on_two_zero3_workers(ray_local, checkpoints, tmp_path
     assert sum(m > 0 for m in margins) / len(margins) > 0.8  # the policy now prefers the chosen responses
     assert list((tmp_path / "tb").iterdir())  # TensorBoard events written
 
-    # stopped after its last report, before the model was taken out: the same call again trains nothing
-    again = train(config, checkpoints["weak"], data, tmp_path / "aligned_again", "dpo-test", tmp_path / "storage", 96,
-                  reference="base")
-    assert again["seconds"] == summary["seconds"]  # the final checkpoint's own summary: no step was run again
-    assert ((tmp_path / "aligned_again" / "model.safetensors").read_bytes()
-            == (tmp_path / "aligned" / "model.safetensors").read_bytes())
+    assert not list((tmp_path / "storage" / "dpo-test").glob("step_*"))  # the model is out: no checkpoint kept
+
+    # stopped after the model was written, before it was taken: the same call again trains nothing
+    (tmp_path / "aligned").rename(tmp_path / "again.partial")
+    again = workers.train(config, checkpoints["weak"], data, tmp_path / "again", "dpo-test", tmp_path / "storage", 96,
+                          reference="base")
+    assert again["seconds"] == summary["seconds"]  # the written model's own summary: no step was run again
+    assert (tmp_path / "again" / "model.safetensors").is_file() and not (tmp_path / "again.partial").exists()
 
 
 def test_every_row_is_trained_on_each_epoch_and_the_repeats_are_counted():
     """The step stream of all ranks against data_use's counts: 250 rows in steps of 2 x 8 used to lose 10 an epoch."""
     from actors.trainer import _batches, data_use
 
-    rows = [{"i": i} for i in range(250)]
+    rows = list(range(250))
     for epochs in (1.0, 2.0, 0.5):
         config = TrainConfig(mode="sft", epochs=epochs, batch_size=8, num_workers=2)
-        fed = [r["i"] for rank in range(2) for _, _, batch in _batches(rows, config, rank, 2) for r in batch]
+        fed = [rows[i] for rank in range(2) for _, _, batch in _batches(len(rows), config, rank, 2) for i in batch]
         use = data_use(len(rows), config, 2)
         assert len(fed) == use["rows_fed"]
         assert len(rows) - len(set(fed)) == use["rows_unused"]
         assert len(fed) - len(set(fed)) * (1 if epochs < 1 else int(epochs)) == use["rows_repeated"]
         if epochs >= 1:
             assert set(fed) == set(range(250))  # nothing left out
+    # a resumed stream goes on exactly where the uninterrupted one was
+    config = TrainConfig(mode="sft", epochs=2.0, batch_size=8, num_workers=2)
+    assert list(_batches(250, config, 1, 2, start_step=20)) == list(_batches(250, config, 1, 2))[20:]
 
 
 def test_a_row_too_long_or_a_reference_of_another_length_is_refused(checkpoints, tmp_path):
@@ -87,17 +93,19 @@ def test_a_row_too_long_or_a_reference_of_another_length_is_refused(checkpoints,
         train(TrainConfig(mode="sft"), checkpoints["weak"], tmp_path / "long.parquet", tmp_path / "o", "n", tmp_path, 96)
     mask = torch.tensor([[False, True, True], [False, False, True]])
     with pytest.raises(ValueError, match="ref_chosen_logps: 1 stored log-probs for a response of 2 tokens"):
-        _per_token([[-1.0], [-2.0]], mask, "ref_chosen_logps")
+        _per_token(pa.array([[-1.0], [-2.0]], pa.list_(pa.float32())), mask, "ref_chosen_logps")
+    placed = _per_token(pa.array([[-1.0, -2.0], [-3.0]], pa.list_(pa.float32())), mask, "ok")
+    assert placed.tolist() == [[0.0, -1.0, -2.0], [0.0, 0.0, -3.0]]  # each value on its response position
 
 
 def test_checkpoints_of_another_run_are_not_resumed_from(checkpoints, tmp_path):
-    """Ray Train checkpoints under a stage's name carry the fingerprint of its config, model and data."""
+    """Checkpoints under a stage's name carry the fingerprint of its config, model and data."""
     from actors.trainer import FINGERPRINT, CheckpointMismatchError
 
     pq.write_table(pa.table({"text": ["q: a?\na: red."] * 4}), tmp_path / "corpus.parquet")
     (tmp_path / "storage" / "stage").mkdir(parents=True)
     (tmp_path / "storage" / "stage" / FINGERPRINT).write_text("a run of another config")
-    with pytest.raises(CheckpointMismatchError, match="storage/stage holds Ray Train checkpoints of another config"):
+    with pytest.raises(CheckpointMismatchError, match="storage/stage holds checkpoints of another config"):
         train(TrainConfig(mode="lm"), checkpoints["weak"], tmp_path / "corpus.parquet", tmp_path / "out", "stage",
               tmp_path / "storage", 96)
 

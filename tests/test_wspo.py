@@ -1,6 +1,7 @@
 """WSPO on the Ray backbone: the training table, the ZeRO-3 trainer (full and LoRA), tokenizer refusal."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,15 +64,15 @@ def _loss_and_ratio(policy, data, gamma) -> tuple[float, float]:
     return sum(losses) / len(losses), sum(ratios) / len(ratios)
 
 
-def test_wspo_trainer_full_and_lora_amplify_the_weak_ratio(ray_local, checkpoints, tmp_path):
+def test_wspo_trainer_full_and_lora_amplify_the_weak_ratio(workers, checkpoints, tmp_path):
     gamma, weak_ratio = 0.5, 0.25  # target: the policy's log-ratio -> 0.25 / 0.5 = 0.5 nat per token
     data = _wspo_data(checkpoints["weak"], tmp_path / "train.parquet", weak_ratio)
     before, ratio = _loss_and_ratio(checkpoints["weak"], data, gamma)
     assert before == pytest.approx(weak_ratio**2) and ratio == pytest.approx(0.0, abs=1e-5)
 
     full = TrainConfig(mode="wspo", gamma=gamma, lr=1e-2, epochs=4, batch_size=8, num_workers=2, log_every=4)
-    summary = train(full, checkpoints["weak"], data, tmp_path / "full", "wspo-full", tmp_path / "storage", 96,
-                    reference="strong_ref")
+    summary = workers.train(full, checkpoints["weak"], data, tmp_path / "full", "wspo-full", tmp_path / "storage", 96,
+                            reference="strong_ref")
     assert summary["world_size"] == 2 and summary["steps"] == 4 * (32 // 16)
     assert summary["last"]["weak_log_ratio"] == pytest.approx(weak_ratio, abs=1e-5)
     assert summary["last"]["amplification"] > 0  # the slope of policy on weak log-ratio, 1/gamma = 2 at the optimum
@@ -86,8 +87,8 @@ def test_wspo_trainer_full_and_lora_amplify_the_weak_ratio(ray_local, checkpoint
               reference="strong_ref")
     lora = full.model_copy(update={"lora": LoraSettings(r=4, alpha=8, target_modules=["c_attn", "c_fc"]),
                                    "lr": 5e-2, "epochs": 8})
-    train(lora, checkpoints["weak"], lora_data, tmp_path / "lora", "wspo-lora", tmp_path / "storage", 96,
-          reference="strong_ref")
+    workers.train(lora, checkpoints["weak"], lora_data, tmp_path / "lora", "wspo-lora", tmp_path / "storage", 96,
+                  reference="strong_ref")
     assert (tmp_path / "lora" / "lora_adapter" / "adapter_config.json").is_file()
     after, ratio = _loss_and_ratio(tmp_path / "lora", data, gamma)
     assert after < 0.8 * before and ratio > 0.1, (before, after, ratio)
@@ -120,7 +121,7 @@ def test_wspo_config_errors_name_the_problem():
     assert WSPOConfig(train=TrainConfig(mode="wspo", gamma=0.2), gamma_sweep=[0.5, 0.2, 0.05]).gammas() == [0.2, 0.05, 0.5]
 
 
-def test_wspo_on_your_own_models_keeps_them_in_the_run_folder(ray_local, checkpoints, tmp_path):
+def test_wspo_on_your_own_models_keeps_them_in_the_run_folder(workers, checkpoints, tmp_path):
     """Trained from a user's checkpoints, the model is copied into the run folder: `make clean` (the cache)
     does not take it. The same config again reuses the cache; another max_length than the models take is refused."""
     import shutil
@@ -139,7 +140,7 @@ def test_wspo_on_your_own_models_keeps_them_in_the_run_folder(ray_local, checkpo
         run_wspo(config.model_copy(update={"max_length": 200}), RunDir(tmp_path / "refused", "wspo"))
     assert not (tmp_path / "cache").exists()  # refused before anything was scored
 
-    metrics = run_wspo(config, RunDir(config.runs_dir, "wspo"))
+    metrics = run_wspo(config, RunDir(config.runs_dir, "wspo"), workers=workers)
     assert metrics["methods"]["wspo"]["train_rows"] == len(rows)
     kept = tmp_path / "runs" / "wspo" / "checkpoints" / "wspo_gamma_0.1"
     assert kept.is_dir() and not kept.is_symlink()
@@ -158,35 +159,35 @@ def test_wspo_killed_mid_training_continues_to_the_same_numbers(tiny_cache, tmp_
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    env.pop("RAY_ADDRESS", None)
+    from conftest import ROOT, job_env
 
-    def command(cache: Path, runs: str) -> list[str]:
+    def command(cache: Path, runs: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", "jobs.wspo", "--config", "configs/tiny_wspo.yaml",
-                "--set", f"runs_dir={tmp_path / runs}", "--set", f"cache_dir={cache}"]
+                "--set", f"runs_dir={tmp_path / runs}", "--set", f"cache_dir={cache}", *extra]
 
-    def finish(cache: Path, runs: str) -> str:
-        done = subprocess.run(command(cache, runs), cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    def finish(cache: Path, runs: str, *extra: str) -> str:
+        done = subprocess.run(command(cache, runs, *extra), cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                              timeout=900)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         return done.stdout + done.stderr
 
     finish(tiny_cache, "calm")
     cache = tmp_path / "cache"  # the same prepared world, without the WSPO models
-    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("wspo-*", "*.lock"))
+    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("wspo-*", "*.lock", "workers-*"))
+    # a checkpoint after every step (it changes no number); the workers wait after it, and are killed there
+    every_step = ("--set", "train.checkpoint_every=1")
     with open(tmp_path / "killed.log", "w") as log:
-        job = subprocess.Popen(command(cache, "killed"), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        job = subprocess.Popen(command(cache, "killed", *every_step), cwd=ROOT, env=job_env(checkpoint_pause=30),
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
-    # a checkpoint Ray Train has recorded (the folder alone may be one it never registered)
-    while not list((cache / "ray_train").glob("wspo-*/checkpoint_manager_snapshot.json")):
+    # a complete checkpoint (a `.partial` one is never resumed from)
+    while not [p for p in (cache / "ray_train").glob("wspo-*/step_*") if not p.name.endswith(".partial")]:
         assert job.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-4000:]
         time.sleep(0.1)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    text = finish(cache, "killed")
+    text = finish(cache, "killed", *every_step)
     assert "[train] resumed from step" in text and "weak_base: cached" in text
 
     def numbers(runs: str) -> dict:

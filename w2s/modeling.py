@@ -158,16 +158,21 @@ def pair_ids(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[
 def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> TokenizedBatch:
     """Prompt + response + EOS, right-padded, with a mask over the response tokens. Never cuts a row:
     one longer than `max_length` raises TooLongError."""
+    return pad_pairs(pair_ids(tokenizer, prompts, responses), tokenizer.pad_token_id, max_length)
+
+
+def pad_pairs(pairs, pad_id: int, max_length: int) -> TokenizedBatch:
+    """(prompt ids, response ids + EOS) pairs -> one right-padded batch with its response mask; the
+    training workers tokenize their data once and pad each step's rows here."""
     rows, masks = [], []
-    for i, (p, r) in enumerate(pair_ids(tokenizer, prompts, responses)):
+    for i, (p, r) in enumerate(pairs):
         if len(p) + len(r) > max_length:
             raise TooLongError(f"row {i} of the batch: prompt + response + EOS take {len(p) + len(r)} tokens > "
                                f"max_length {max_length}; check rows (w2s.data.check_batch) before scoring them")
-        rows.append(p + r)
+        rows.append(list(p) + list(r))
         masks.append([0] * len(p) + [1] * len(r))
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     response = torch.tensor([m + [0] * (width - len(m)) for m in masks])
     return TokenizedBatch(input_ids, attention, response)
@@ -187,12 +192,12 @@ def token_logprobs(model, batch: TokenizedBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[list[float]]:
-    """Per-token log-probs of each response (EOS included), as plain lists of floats."""
+def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list:
+    """Per-token log-probs of each response (EOS included), one float32 numpy array per response."""
     batch = tokenize_pairs(tokenizer, prompts, responses, max_length)
     logp = token_logprobs(model, batch).cpu()
     mask = batch.response_mask[:, 1:].bool()
-    return [row[m].tolist() for row, m in zip(logp, mask)]
+    return [row[m].numpy() for row, m in zip(logp, mask)]
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ import sys
 
 from ray.cluster_utils import Cluster
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                     "dashboard_host": "127.0.0.1"})
 try:
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

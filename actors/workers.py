@@ -1,0 +1,63 @@
+"""What one job runs on, in one place: its model hosts and its training workers, started once.
+
+    Workers
+      hosts     HostPool           model hosts for every scoring, generation and evaluation stage
+      trainers  TrainingWorkers    Ray Train worker groups (DeepSpeed ZeRO-3) for every training stage
+
+Both live as long as the job. On a CPU-only cluster they coexist: training workers reserve their CPUs,
+and hosts reserve none (they work only while the training workers wait). On a GPU cluster each takes
+whole GPUs, so the hosts are stopped before a training stage and training workers before hosts start
+(the next stage that needs them starts them again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import ray
+
+from actors.model_host import HostPool, HostRef
+from actors.trainer import TrainingWorkers
+from w2s.modeling import ModelSpec
+
+
+class Workers:
+    def __init__(self, train_storage: str | Path, max_hosts: int = 8, placement: str = "PACK"):
+        self.hosts = HostPool(max_hosts, placement)
+        self.trainers = TrainingWorkers(train_storage)
+
+    def _on_gpus(self) -> bool:
+        return ray.cluster_resources().get("GPU", 0) > 0
+
+    def host(self, models: dict[str, ModelSpec]) -> dict[str, HostRef]:
+        """Hosts holding `models` (HostPool.hosts)."""
+        if self._on_gpus():
+            self.trainers.shutdown()
+        return self.hosts.hosts(models)
+
+    def train(self, *args, **kwargs) -> dict:
+        """One training stage (TrainingWorkers.train)."""
+        if self._on_gpus():
+            self.hosts.shutdown()
+        return self.trainers.train(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        self.hosts.shutdown()
+        self.trainers.shutdown()
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+@contextlib.contextmanager
+def job_workers(workers: Workers | None, train_storage: str | Path, **kwargs):
+    """`workers` when a caller shares its own; otherwise new ones, shut down on exit."""
+    if workers is not None:
+        yield workers
+        return
+    with Workers(train_storage, **kwargs) as own:
+        yield own
