@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from w2s.data import PreferenceDataError, format_rejections, load_pairs
+from w2s.data import REJECTED_SCHEMA, PreferenceDataError, check_batch, format_rejections, iter_raw, split_checked
 
 IN_FLIGHT = 4  # batches handed to the hosts at once
+CHUNK_ROWS = 8192  # records read, checked and scored at a time by score_preferences
 
 
 def _score_batch(batch: pa.Table, hosts: dict, responses: tuple[str, ...]) -> pa.Table:
@@ -75,12 +76,13 @@ def _through_hosts(table: pa.Table, fn, fn_kwargs: dict, batch_size: int) -> pa.
         return fn(table, **fn_kwargs)
     indexed = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
     step = max(batch_size, -(-table.num_rows // 64))  # about one block per batch, cut here
+    blocks = [indexed.slice(i, step) for i in range(0, indexed.num_rows, step)]
     # `from_blocks` reads block metadata in this process: no task that would need a free CPU
-    ds = ray.data.from_blocks([indexed.slice(i, step) for i in range(0, max(indexed.num_rows, 1), step)])
-    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=batch_size, batch_format="pyarrow", num_cpus=0,
-                        compute=ray.data.TaskPoolStrategy(size=IN_FLIGHT))
-    blocks = [b for b in ray.get(ds.to_arrow_refs()) if b.num_rows]
-    return pa.concat_tables(blocks, promote_options="default").sort_by("_order").drop_columns(["_order"])
+    ds = ray.data.from_blocks(blocks).map_batches(fn, fn_kwargs=fn_kwargs, batch_size=batch_size,
+                                                  batch_format="pyarrow", num_cpus=0,
+                                                  compute=ray.data.TaskPoolStrategy(size=min(IN_FLIGHT, len(blocks))))
+    results = [b for b in ray.get(ds.to_arrow_refs()) if b.num_rows]
+    return pa.concat_tables(results, promote_options="default").sort_by("_order").drop_columns(["_order"])
 
 
 @dataclass
@@ -101,22 +103,51 @@ def score_preferences(data_path: str | Path, hosts: dict, output_dir: str | Path
     `<role>_<side>_logps` for every side in `responses`) and `<output_dir>/rejected_rows.parquet`
     (source, row, error_field, error). A file that cannot be read at all raises
     `PreferenceDataError` before any model is called.
+
+    The file is read, checked and scored CHUNK_ROWS records at a time, and each chunk's rows are
+    written out before the next is read: memory holds one chunk, whatever the size of the file.
     """
     from w2s.modeling import load_tokenizer
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # The check is text work: done here, where the tokenizer is, before any model is called.
-    good, bad_table = load_pairs(data_path, load_tokenizer(tokenizer_path) if tokenizer_path else None,
-                                 max_length if tokenizer_path else None)
-    scored_table = _through_hosts(good, _score_batch, {"hosts": hosts, "responses": tuple(responses)},
-                                  batch_size) if good.num_rows else pa.table({})
-    pq.write_table(bad_table, output_dir / "rejected_rows.parquet")
-    if scored_table.num_rows == 0:
+    # The check is text work: done here, where the tokenizer is, chunk by chunk, before its rows are scored.
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    scored_path, rejected_path = output_dir / "scored.parquet", output_dir / "rejected_rows.parquet"
+    with _ParquetOut(scored_path) as scored, _ParquetOut(rejected_path, REJECTED_SCHEMA) as rejected:
+        for raw in iter_raw(data_path, CHUNK_ROWS):
+            good, bad = split_checked(check_batch(raw, tokenizer, max_length if tokenizer else None))
+            rejected.write(bad)
+            if good.num_rows:
+                scored.write(_through_hosts(good, _score_batch, {"hosts": hosts, "responses": tuple(responses)},
+                                            batch_size))
+    bad_table = pq.read_table(rejected_path)
+    if scored.rows == 0:
+        scored_path.unlink(missing_ok=True)
         raise PreferenceDataError(f"{data_path}: no usable rows; {format_rejections(bad_table)}")
-    pq.write_table(scored_table, output_dir / "scored.parquet")
-    return ScoreResult(output_dir / "scored.parquet", output_dir / "rejected_rows.parquet",
-                       scored_table.num_rows, bad_table.num_rows, format_rejections(bad_table))
+    return ScoreResult(scored_path, rejected_path, scored.rows, rejected.rows, format_rejections(bad_table))
+
+
+class _ParquetOut:
+    """A Parquet file written one table at a time (the schema of the first, or `schema`)."""
+
+    def __init__(self, path: Path, schema: pa.Schema | None = None):
+        self.path, self.schema, self.writer, self.rows = path, schema, None, 0
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, self.schema or table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+        self.rows += table.num_rows
+
+    def __enter__(self) -> "_ParquetOut":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is None and self.schema is not None:  # an empty file with its columns
+            pq.write_table(self.schema.empty_table(), self.path)
+        elif self.writer is not None:
+            self.writer.close()
 
 
 def generate_responses(prompts: pa.Table, hosts: dict, max_new_tokens: int, batch_size: int = 64,

@@ -98,6 +98,18 @@ def training_table(scored: pa.Table, responses: str) -> pa.Table:
     return pa.concat_tables(parts)
 
 
+def write_training_table(scored: Path, responses: str, out: Path) -> None:
+    """training_table of a scored file, written a row group at a time (the chosen rows first, as training_table)."""
+    sides = ["chosen", "rejected"] if responses == "both" else [responses]
+    writer = None
+    for side in sides:
+        for batch in pq.ParquetFile(scored).iter_batches():
+            part = training_table(pa.Table.from_batches([batch]), side)
+            writer = writer or pq.ParquetWriter(out, part.schema)
+            writer.write_table(part)
+    writer.close()
+
+
 def _data_fingerprint(path: str) -> list:
     """Path, size and modification time: a changed data file is scored again."""
     stat = os.stat(path)
@@ -147,35 +159,15 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
         result = score_preferences(data, workers.host(hosts), scores_dir, tokenizer_path=models["strong"].path,
                                    max_length=max_length, batch_size=config.score_batch_size, responses=sides)
         _log(f"scored {result.n_scored} rows; {result.report}")
-        pq.write_table(training_table(pq.read_table(result.scored_path), config.responses),
-                       scores_dir / "train.parquet")
+        write_training_table(result.scored_path, config.responses, scores_dir / "train.parquet")
 
     scores_dir = cache.build("wspo_scores", scores_key, build_scores, _log)
     train_data = scores_dir / "train.parquet"
     rejected = pq.read_table(scores_dir / "rejected_rows.parquet")
     run.write_examples("wspo_rejected_rows", rejected)
 
-    storage = cache.root / "ray_train"
-    trained: dict[float, Path] = {}
-    summaries: dict[float, dict] = {}
-    for gamma in config.gammas():  # one after another on the same training workers
-        stage = config.train.model_copy(update={"gamma": gamma})
-        key = content_hash("wspo-v3", scores_key, fingerprints["strong"], stage, max_length)
-
-        def build_model(path: Path) -> None:  # called right away by cache.build, inside this iteration
-            summary = workers.train(stage, models["strong"].path, train_data, path / "model", f"wspo-{key}", storage,
-                                    max_length, tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}",
-                                    reference="strong_ref")
-            (path / "train_summary.json").write_text(json.dumps(summary))
-
-        path = cache.build("wspo", key, build_model, lambda msg: _log(f"gamma {gamma}, {msg}"))
-        trained[gamma] = path / "model"
-        summaries[gamma] = json.loads((path / "train_summary.json").read_text())
-        if prepared is None:  # trained from your checkpoints: a copy in the run folder, not only in the cache
-            run.keep(f"checkpoints/wspo_gamma_{gamma}", path / "model")
-        else:  # the embedded world's models are rebuilt from the config whenever the cache is gone
-            run.link(f"checkpoints/wspo_gamma_{gamma}", path / "model")
-
+    trained, summaries = _train_gammas(config, workers, models["strong"].path, train_data, scores_key,
+                                       fingerprints["strong"], max_length, run, keep=prepared is None)
     section = {"gamma": config.train.gamma, "responses": config.responses, "lora": config.train.lora is not None,
                "train_rows": pq.read_metadata(train_data).num_rows, "set_aside_rows": rejected.num_rows,
                "train_seconds": {str(g): round(s["seconds"], 1) for g, s in summaries.items()},
@@ -190,6 +182,31 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
     metrics = _evaluate(config, prepared, trained, summaries, section, run, workers)
     run.update_metrics({"wall_seconds": {"wspo": round(time.perf_counter() - start, 1)}})
     return metrics
+
+
+def _train_gammas(config: WSPOConfig, workers: Workers, strong: str, train_data: Path, scores_key: str,
+                  strong_fingerprint: str, max_length: int, run: RunDir, keep: bool) -> tuple[dict, dict]:
+    """One WSPO model per gamma, one after another on the same training workers (cached by content):
+    {gamma: model folder}, {gamma: train summary}. `keep`: copy each model into the run folder (a model
+    trained from your checkpoints must outlive the cache); otherwise link it."""
+    storage = Cache(config.cache_dir).root / "ray_train"
+    trained: dict[float, Path] = {}
+    summaries: dict[float, dict] = {}
+    for gamma in config.gammas():
+        stage = config.train.model_copy(update={"gamma": gamma})
+        key = content_hash("wspo-v3", scores_key, strong_fingerprint, stage, max_length)
+
+        def build_model(path: Path) -> None:  # called right away by cache.build, inside this iteration
+            summary = workers.train(stage, strong, train_data, path / "model", f"wspo-{key}", storage, max_length,
+                                    tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}",
+                                    reference="strong_ref")
+            (path / "train_summary.json").write_text(json.dumps(summary))
+
+        path = Cache(config.cache_dir).build("wspo", key, build_model, lambda msg: _log(f"gamma {gamma}, {msg}"))
+        trained[gamma] = path / "model"
+        summaries[gamma] = json.loads((path / "train_summary.json").read_text())
+        (run.keep if keep else run.link)(f"checkpoints/wspo_gamma_{gamma}", path / "model")
+    return trained, summaries
 
 
 def _name(gamma: float) -> str:

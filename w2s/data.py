@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +48,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+REJECTED_SCHEMA = pa.schema([(name, OUTPUT_SCHEMA.field(name).type) for name in ("source", "row", "error_field", "error")])
 ROW = "<row>"  # error_field for a record that is not a JSON object at all
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -67,48 +69,73 @@ class _Bad(Exception):
 
 
 def read_raw(path: str | Path) -> pa.Table:
-    """Read a preference dataset into RAW_SCHEMA rows, one per record.
+    """Read a whole preference dataset into RAW_SCHEMA rows, one per record (iter_raw, all at once)."""
+    return pa.concat_tables(iter_raw(path))
+
+
+def iter_raw(path: str | Path, batch_rows: int = 8192) -> Iterator[pa.Table]:
+    """A preference dataset as RAW_SCHEMA rows, one per record, `batch_rows` records at a time: the file is
+    read as it is consumed (only a `.json` file holding one JSON list is read whole).
 
     Formats: `.jsonl` / `.json` (JSON Lines, or a `.json` holding one JSON list of records), `.parquet`, and a
     directory written by `datasets.Dataset.save_to_disk`. In JSON Lines, blank lines are skipped and not counted,
     so `row` is the index among the non-blank lines; a line that is not valid JSON is kept verbatim, and a
-    line that is not UTF-8 is kept as None: check_batch sets either aside with its reason.
+    line that is not UTF-8 is kept as None: check_batch sets either aside with its reason. A file that cannot
+    be used raises PreferenceDataError (one with no records too, once it is read to its end).
     """
     source, path = str(path), Path(path)
     if not path.exists():
         raise PreferenceDataError(f"{source}: no such file or directory")
     if path.is_dir():
-        raws = _read_saved_dataset(path, source)
+        records = _read_saved_dataset(path, source)
     elif path.suffix in (".jsonl", ".json"):
-        raws = _read_json(path, source)
+        records = _read_json(path, source)
     elif path.suffix == ".parquet":
-        raws = _read_parquet(path, source)
+        records = _read_parquet(path, source)
     else:
         raise PreferenceDataError(
             f"{source}: unknown format {path.suffix!r}; expected .jsonl, .json, .parquet or a saved datasets directory"
         )
-    if not raws:
+    row = 0
+    while raws := list(itertools.islice(records, batch_rows)):
+        yield pa.table({"source": [source] * len(raws), "row": list(range(row, row + len(raws))), "raw": raws},
+                       schema=RAW_SCHEMA)
+        row += len(raws)
+    if row == 0:
         raise PreferenceDataError(f"{source}: no records")
-    return pa.table(
-        {"source": [source] * len(raws), "row": list(range(len(raws))), "raw": raws}, schema=RAW_SCHEMA
-    )
 
 
-def _read_json(path: Path, source: str) -> list[str | None]:
+def _read_json(path: Path, source: str) -> Iterator[str | None]:
     """JSON records as text; in JSON Lines, a line that is not UTF-8 is None (set aside by check_batch)."""
     try:
-        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # drop a UTF-8 BOM if present
+        file = open(path, "rb")
     except OSError as err:
         raise PreferenceDataError(f"{source}: cannot read ({err})") from err
-    if path.suffix == ".json" and data.lstrip().startswith(b"["):
-        try:
-            return [_dumps(record) for record in json.loads(data.decode("utf-8"))]
-        except UnicodeDecodeError as err:
-            raise PreferenceDataError(f"{source}: not UTF-8 text ({err})") from err
-        except ValueError as err:
-            raise PreferenceDataError(f"{source}: not a valid JSON list: {err}") from err
-    # split on "\n" only: str.splitlines would also split at U+2028 etc., which JSON strings may hold unescaped
-    return [_utf8_or_none(line.rstrip(b"\r")) for line in data.split(b"\n") if line.strip()]
+    with file:
+        start = file.read(4096).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is dropped
+        if path.suffix == ".json" and start.lstrip().startswith(b"["):
+            data = start + file.read()
+            try:
+                yield from (_dumps(record) for record in json.loads(data.decode("utf-8")))
+                return
+            except UnicodeDecodeError as err:
+                raise PreferenceDataError(f"{source}: not UTF-8 text ({err})") from err
+            except ValueError as err:
+                raise PreferenceDataError(f"{source}: not a valid JSON list: {err}") from err
+        # lines split on "\n" only (binary lines): str.splitlines would also split at U+2028 etc., which JSON
+        # strings may hold unescaped
+        for line in _lines(start, file):
+            if line.strip():
+                yield _utf8_or_none(line.rstrip(b"\r"))
+
+
+def _lines(start: bytes, file) -> Iterator[bytes]:
+    """The lines (without "\\n") of `start` followed by the rest of `file`."""
+    pending = start
+    for chunk in iter(lambda: file.read(1 << 20), b""):
+        *whole, pending = (pending + chunk).split(b"\n")
+        yield from whole
+    yield from pending.split(b"\n")
 
 
 def _utf8_or_none(line: bytes) -> str | None:
@@ -118,14 +145,15 @@ def _utf8_or_none(line: bytes) -> str | None:
         return None
 
 
-def _read_parquet(path: Path, source: str) -> list[str]:
+def _read_parquet(path: Path, source: str) -> Iterator[str]:
     try:
-        return [_dumps(record) for batch in pq.ParquetFile(path).iter_batches() for record in batch.to_pylist()]
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from (_dumps(record) for record in batch.to_pylist())
     except (pa.ArrowException, OSError, ValueError) as err:
         raise PreferenceDataError(f"{source}: cannot read as parquet ({err})") from err
 
 
-def _read_saved_dataset(path: Path, source: str) -> list[str]:
+def _read_saved_dataset(path: Path, source: str) -> Iterator[str]:
     if (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
         raise PreferenceDataError(
@@ -137,11 +165,16 @@ def _read_saved_dataset(path: Path, source: str) -> list[str]:
         raise PreferenceDataError(
             f"{source}: a directory, but not one saved by datasets' save_to_disk (no state.json / dataset_info.json)"
         )
+    return _saved_dataset_records(path, source)
+
+
+def _saved_dataset_records(path: Path, source: str) -> Iterator[str]:
     import datasets  # here rather than at the top: it is slow to import and only this format needs it
 
     try:
-        dataset = datasets.load_from_disk(str(path))
-        return [_dumps(record) for batch in dataset.with_format("arrow").iter(1024) for record in batch.to_pylist()]
+        dataset = datasets.load_from_disk(str(path))  # memory-mapped: batches are read as they are used
+        for batch in dataset.with_format("arrow").iter(1024):
+            yield from (_dumps(record) for record in batch.to_pylist())
     except Exception as err:  # datasets raises many kinds; any of them means this directory is unusable
         raise PreferenceDataError(f"{source}: cannot load saved dataset ({type(err).__name__}: {err})") from err
 
@@ -298,7 +331,7 @@ def split_checked(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     """(good rows: source, row, prompt, chosen, rejected; bad rows: source, row, error_field, error)."""
     ok = pc.equal(table["error"], "")
     good = table.filter(ok).select(["source", "row", *TEXT_FIELDS])
-    bad = table.filter(pc.invert(ok)).select(["source", "row", "error_field", "error"])
+    bad = table.filter(pc.invert(ok)).select(REJECTED_SCHEMA.names)
     return good, bad
 
 
