@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import ray
 from pydantic import Field, model_validator
@@ -54,6 +54,9 @@ class LoraSettings(StrictModel):
 
 
 class TrainConfig(StrictModel):
+    # How a stage runs, not what it makes: changing them reuses cached models and resumes checkpoints.
+    NOT_IN_KEYS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "max_failures")
+
     mode: Literal["lm", "sft", "dpo", "wspo"] = "dpo"
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
@@ -278,15 +281,15 @@ def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
 
 
 def _quiet_worker() -> None:
-    """What a training worker prints is progress and errors: no weight-loading bars, no DeepSpeed info
-    lines or deprecation notes of the collectives it calls (they go nowhere useful)."""
+    """What a training worker prints is progress and errors: no weight-loading bars, no DeepSpeed info line
+    per checkpoint and worker, no deprecation note about the collectives DeepSpeed calls."""
     import logging
     import warnings
 
+    import deepspeed  # noqa: F401 - its import sets its logger's level: set it after
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
@@ -307,18 +310,11 @@ def _serve(loop_config: dict) -> None:
     nodes = [None] * world  # where each worker runs (recorded in every stage's summary)
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     index = ray.get(queue.first_open.remote())
-    while (stage := _next_stage(queue, index)) is not None:
+    while (stage := ray.get(queue.get.remote(index))) is not None:  # waits until the driver queues one, or stops
         summary = _train_stage(stage, rank, world, on_gpu, nodes)
         if rank == 0:
             ray.get(queue.finish.remote(index, summary))
         index += 1
-
-
-def _next_stage(queue, index: int) -> dict | None:
-    """Stage `index` once the driver has queued it; None when the driver has stopped the workers."""
-    while (stage := ray.get(queue.get.remote(index))) == "wait":
-        time.sleep(0.05)
-    return stage
 
 
 def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) -> dict:
@@ -453,7 +449,7 @@ def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str
 # ------------------------------------------------------------------------------------------- in the driver
 
 TRAINED_MARKER = ".trained_by_w2s"  # in every folder a stage writes: the only kind train() will replace
-SUMMARY = "train_summary.json"  # written last into a trained model's folder
+SUMMARY = ".train_summary.json"  # written last into a trained model's folder (hidden: not part of its weights fingerprint)
 FINGERPRINT = ".w2s_fingerprint"  # in a stage's checkpoint folder: what its checkpoints were trained on
 
 
@@ -531,7 +527,7 @@ class _WorkerGroup:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         num_workers, use_gpu, cpus_per_worker, max_failures = shape
-        self.queue = _StageQueue.options(num_cpus=0).remote()
+        self.queue = _StageQueue.options(num_cpus=0, max_concurrency=64).remote()
         self.busy = 0  # stages queued here and not yet ended (the driver's count)
         self.error: BaseException | None = None
         self.run_dir = storage / f"workers-{uuid.uuid4().hex[:8]}"
@@ -559,12 +555,11 @@ class _WorkerGroup:
 
     def run(self, stage: dict) -> dict:
         """Queue `stage` and wait for its summary (the workers train the queued stages one at a time)."""
-        index = ray.get(self.queue.submit.remote(stage))
-        while (summary := ray.get(self.queue.result.remote(index))) is None:
+        result = self.queue.result.remote(ray.get(self.queue.submit.remote(stage)))
+        while not ray.wait([result], timeout=1.0)[0]:
             if not self.thread.is_alive():
                 raise RuntimeError(f"training stage {stage['name']!r} failed") from self.error
-            time.sleep(0.1)
-        return summary
+        return ray.get(result)
 
     def stop(self) -> None:
         if self.thread.is_alive():
@@ -685,34 +680,48 @@ class TrainingWorkers:
 
 @ray.remote
 class _StageQueue:
-    """The stages of one worker group, in the order the driver queued them, and their summaries."""
+    """The stages of one worker group, in the order the driver queued them, and their summaries. An async actor:
+    the workers and the driver wait in it for what they need, without polling."""
 
     def __init__(self):
+        import asyncio
+
         self.stages: list[dict] = []
         self.summaries: dict[int, dict] = {}
         self.stopped = False
+        self.changed = asyncio.Condition()
 
-    def submit(self, stage: dict) -> int:
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def submit(self, stage: dict) -> int:
         self.stages.append(stage)
+        await self._notify()
         return len(self.stages) - 1
 
-    def get(self, index: int):
-        """Stage `index`; "wait" while it is not queued yet; None once the driver has stopped the group."""
-        if index < len(self.stages):
-            return self.stages[index]
-        return None if self.stopped else "wait"
+    async def get(self, index: int) -> dict | None:
+        """Stage `index` once queued; None once the driver has stopped the group."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: index < len(self.stages) or self.stopped)
+        return self.stages[index] if index < len(self.stages) else None
 
     def first_open(self) -> int:
         return next((i for i in range(len(self.stages)) if i not in self.summaries), len(self.stages))
 
-    def finish(self, index: int, summary: dict) -> None:
+    async def finish(self, index: int, summary: dict) -> None:
         self.summaries[index] = summary
+        await self._notify()
 
-    def result(self, index: int) -> dict | None:
-        return self.summaries.get(index)
+    async def result(self, index: int) -> dict:
+        """The summary of stage `index`, once trained."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: index in self.summaries)
+        return self.summaries[index]
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self.stopped = True
+        await self._notify()
 
 
 def train(config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path, name: str,

@@ -26,15 +26,32 @@ def parse_args(description: str, default_config: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+# Lines that say nothing a user acts on: kept in the run's job.log, not shown on screen.
+SCREEN_NOISE = (
+    "Setting accelerator to CPU",  # DeepSpeed, once per process on a machine without GPUs
+    "deepspeed_shm_comm_op built successfully",  # DeepSpeed's CPU op, once per training worker
+    "has constructor arguments in the object store and max_restarts",  # a C++ line about Ray Train's own actors
+    "PYTHON worker processes have been started on node",  # the raylet counting the job's CPU-less hosts and tasks
+)
+
+
 class _Tee:
-    """A text stream that also writes to a file: the screen, and the run folder's log."""
+    """A text stream that writes everything to a file (the run folder's log) and to the screen all but the
+    lines of SCREEN_NOISE. Text is passed on at each line end (or carriage return: progress bars)."""
 
     def __init__(self, stream, file):
-        self.stream, self.file = stream, file
+        self.stream, self.file, self.pending = stream, file, ""
 
     def write(self, text: str) -> int:
         self.file.write(text)
-        return self.stream.write(text)
+        self.pending += text
+        end = max(self.pending.rfind("\n"), self.pending.rfind("\r")) + 1
+        if end:
+            shown = [line for line in self.pending[:end].splitlines(keepends=True)
+                     if not any(noise in line for noise in SCREEN_NOISE)]
+            self.stream.write("".join(shown))
+            self.pending = self.pending[end:]
+        return len(text)
 
     def flush(self) -> None:
         self.file.flush()
@@ -90,33 +107,55 @@ def load(cls, args: argparse.Namespace):
 # AVX-512 machine computes what an AVX2 one does; measured here (AVX2 CPU): no slower. Set either
 # variable yourself to choose otherwise. GPUs are unaffected.
 CPU_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-for _name, _value in CPU_KERNELS.items():
-    os.environ.setdefault(_name, _value)  # on import, before any job imports torch
+# What every process of a job gets (the driver, and every Ray worker through the runtime env): the pinned
+# CPU kernels, and no progress bars from Hugging Face libraries (one bar per model load and save).
+JOB_ENV = {**CPU_KERNELS, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+for _name, _value in JOB_ENV.items():
+    os.environ.setdefault(_name, _value)  # on import, before any job imports torch or transformers
 
 
-def connect_ray() -> None:
+def connect_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it; `RAY_ADDRESS=auto` joins a
-    local `ray start`), or start a fresh local instance with its dashboard on loopback. Every worker of
-    the job gets the pinned CPU kernels (CPU_KERNELS).
+    local `ray start`), or start a fresh local instance with its dashboard on loopback (with `num_cpus`
+    logical CPUs; None: the machine's). Every worker of the job gets JOB_ENV (the pinned CPU kernels).
     """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # progress lines are printed once, not twice
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {name: os.environ[name] for name in CPU_KERNELS}}
+    runtime_env = {"env_vars": {name: os.environ[name] for name in JOB_ENV}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=runtime_env)
     else:  # the dashboard serves Ray's state API, which Ray Train's controller polls: on loopback only
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                 runtime_env=runtime_env)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, runtime_env=runtime_env)
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's console says what goes wrong, not how each call is planned and timed (its session log,
+    ray-data.log, keeps all), nor that the cluster has no free CPU: the job's stages need none."""
+    import logging
+
+    import ray.data  # noqa: F401 - sets up its loggers
+
+    class NoFreeCpuNote(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "does not have any available CPUs" not in record.getMessage()
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(NoFreeCpuNote())
 
 
 Tables = list[tuple[str, list[dict]]]  # (heading, rows) of a job's result tables
 
 
-def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Callable[[dict], Tables],
-              sections: Callable[[dict, dict, dict, Path], list[str]] | None = None, overwrite: bool = False) -> dict:
+def run_seeds(config, run_one: Callable[..., dict], tables: Callable[[dict], Tables],
+              sections: Callable[[dict, dict, dict, Path], list[str]] | None = None, overwrite: bool = False,
+              workers=None) -> dict:
     """Run a job once per seed of `config.seeds`, print its tables, and return the metrics.
 
     One seed: the run folder is runs/<run_name>/, as for any run. Several: seed s runs in
@@ -124,7 +163,9 @@ def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Calla
     and runs/<run_name>/ gets metrics.json with each seed's metrics under `seeds` and every number's
     mean, std, median, min and max under `over_seeds`, and a report with the tables as mean ± std
     and the job's own `sections(per_seed, mean, std, plots_folder)` (plots with error bars...).
-    The run folder follows w2s.runs' resume model: `overwrite` starts it afresh.
+    The run folder follows w2s.runs' resume model: `overwrite` starts it afresh. `run_one(config, run, seed,
+    workers=workers)`: `workers` are a caller's own hosts and training workers to share (None: the job starts
+    its own).
     """
     start = time.perf_counter()
     run = RunDir(config.runs_dir, config.run_name, fresh=overwrite)
@@ -132,10 +173,10 @@ def run_seeds(config, run_one: Callable[[Any, RunDir, int], dict], tables: Calla
     with keep_log(run):
         connect_ray()
         if config.seeds == [0]:
-            metrics = run_one(config, run, 0)
+            metrics = run_one(config, run, 0, workers=workers)
             shown = tables(metrics)
         else:
-            metrics, shown = _several_seeds(config, run, run_one, tables, sections)
+            metrics, shown = _several_seeds(config, run, lambda *a: run_one(*a, workers=workers), tables, sections)
         print()
         for heading, rows in shown:
             print(f"{heading}\n\n{markdown_table(rows)}\n")
