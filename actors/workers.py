@@ -17,13 +17,19 @@ from pathlib import Path
 
 import ray
 
+import pyarrow as pa
+
 from actors.model_host import HostPool, HostRef
+from actors.stages import generate_responses
 from actors.trainer import TrainingWorkers
 from w2s.modeling import ModelSpec
 
 
 class Workers:
-    def __init__(self, train_storage: str | Path, max_hosts: int = 8, placement: str = "PACK"):
+    """`max_hosts`: model hosts at most (a process each; a whole GPU each on a GPU cluster): a stage that
+    needs more models streams them through the hosts (`generate`)."""
+
+    def __init__(self, train_storage: str | Path, max_hosts: int = 4, placement: str = "PACK"):
         self.hosts = HostPool(max_hosts, placement)
         self.trainers = TrainingWorkers(train_storage)
 
@@ -35,6 +41,22 @@ class Workers:
         if self._on_gpus():
             self.trainers.shutdown()
         return self.hosts.hosts(models)
+
+    def generate(self, prompts: pa.Table, models: dict[str, ModelSpec], batch_size: int = 64,
+                 **generation) -> pa.Table:
+        """`prompts` with a `<name>_response` column per model (generate_responses), models streamed through the
+        hosts as many at a time as there are: models with the same weights generate once (naive SFT is the
+        student's round 0)."""
+        first: dict[tuple, str] = {}  # distinct model -> the first name it goes by
+        same = {name: first.setdefault(self.hosts.identity(spec), name) for name, spec in models.items()}
+        distinct, responses = list(first.values()), {}
+        for i in range(0, len(distinct), self.hosts.max_hosts):
+            hosts = self.host({name: models[name] for name in distinct[i:i + self.hosts.max_hosts]})
+            table = generate_responses(prompts, hosts, batch_size=batch_size, **generation)
+            responses.update({name: table[f"{name}_response"] for name in hosts})
+        for name in models:
+            prompts = prompts.append_column(f"{name}_response", responses[same[name]])
+        return prompts
 
     def train(self, *args, **kwargs) -> dict:
         """One training stage (TrainingWorkers.train)."""

@@ -16,11 +16,11 @@ from w2s.config import offset_seeds
 from w2s.runs import RunDir
 
 
-def run_one(config: PrepareConfig, run: RunDir, seed: int) -> dict:
+def run_one(config: PrepareConfig, run: RunDir, seed: int, workers=None) -> dict:
     start = time.perf_counter()
     config = offset_seeds(config, seed)
     run.claim(config)
-    prepare(config, run)
+    prepare(config, run, workers)
     return run.update_metrics({"wall_seconds": {"prepare": round(time.perf_counter() - start, 1)}})
 
 

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from actors.stages import generate_responses
 from actors.workers import Workers
 from w2s.config import StrictModel
 from w2s.metrics import gold_scores
@@ -22,6 +21,8 @@ from w2s.world import World
 
 
 class GenerationConfig(StrictModel):
+    """How every model generates (its fields are Workers.generate's keyword arguments)."""
+
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(100, ge=1)
     do_sample: bool = False
@@ -37,21 +38,9 @@ def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path], gen
     Models with the same weights generate once (naive SFT is the student's round 0), and the distinct
     ones go through the job's hosts as many at a time as it has."""
     prompts = pq.read_table(prompts_path)
-    specs = {name: ModelSpec(path=str(path)) for name, path in models.items()}
-    first: dict[tuple, str] = {}  # distinct model -> the first name it goes by
-    same = {name: first.setdefault(workers.hosts.identity(spec), name) for name, spec in specs.items()}
-    names = list(first.values())
-    at_once = workers.hosts.max_hosts
-    print(f"[evaluate] generating on {prompts.num_rows} held-out prompts with {', '.join(specs)} ({len(names)} "
-          f"distinct models, {min(at_once, len(names))} at a time)", flush=True)
-    g, responses = generation, {}
-    for i in range(0, len(names), at_once):
-        hosts = workers.host({name: specs[name] for name in names[i:i + at_once]})
-        table = generate_responses(prompts, hosts, g.max_new_tokens, g.batch_size, g.do_sample, g.temperature,
-                                   g.top_k, g.seed)
-        responses.update({name: table[f"{name}_response"] for name in hosts})
-    for name in specs:
-        prompts = prompts.append_column(f"{name}_response", responses[same[name]])
+    print(f"[evaluate] generating on {prompts.num_rows} held-out prompts with {', '.join(models)}", flush=True)
+    prompts = workers.generate(prompts, {name: ModelSpec(path=str(path)) for name, path in models.items()},
+                               **generation.model_dump())
     rows = prompts.to_pylist()
     scores = {}
     for name in models:

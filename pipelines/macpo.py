@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from actors.stages import generate_responses, score_by_host
+from actors.stages import score_by_host
 from actors.trainer import TrainConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
@@ -168,7 +168,9 @@ def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0, workers: Workers 
     config = offset_seeds(config, seed)
     prepare_config = load_prepare(config.prepare, config.cache_dir, seed)
     max_length = _max_length(config, prepare_config)
-    with job_workers(workers, run.path / "ray_train", placement=config.placement) as workers:
+    # the hosts hold every positive agent at once to score each one's DPO reference
+    with job_workers(workers, run.path / "ray_train", placement=config.placement,
+                     max_hosts=max(4, len(config.teachers) + 1)) as workers:
         stages = Stages(run, config, max_length, workers)
         run.claim(prepare_config, "prepare.yaml")  # the prepare file can change between a kill and a rerun
         prepared = prepare(prepare_config, workers=workers)
@@ -202,10 +204,11 @@ def _initialise(config: MACPOConfig, prepared, stages: Stages, pairs: list[dict]
     prompts_b = pa.table({"prompt": [p["prompt"] for p in half_b]})
 
     def build_weak_labels(path: Path) -> None:
-        hosts = workers.host(_specs({name: agents[name] for t in teachers for name in (t, f"{t}_negative")}))
-        (path / "placement.json").write_text(json.dumps(workers.hosts.where(hosts)))
-        pq.write_table(generate_responses(prompts_b, hosts, **_generation(config.generation)),
-                       path / "generations.parquet")
+        generations = workers.generate(prompts_b, _specs({name: agents[name] for t in teachers
+                                                          for name in (t, f"{t}_negative")}),
+                                       **config.generation.model_dump())
+        (path / "placement.json").write_text(json.dumps(workers.hosts.where()))
+        pq.write_table(generations, path / "generations.parquet")
 
     labels = pq.read_table(stages.run("weak_labels", build_weak_labels) / "generations.parquet").to_pylist()
     label_prompts = [row["prompt"] for row in labels for _ in teachers]
@@ -287,11 +290,6 @@ def _specs(models: dict[str, Path]) -> dict[str, ModelSpec]:
     return {name: ModelSpec(path=str(path)) for name, path in models.items()}
 
 
-def _generation(g: GenerationConfig) -> dict:
-    return dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, do_sample=g.do_sample,
-                temperature=g.temperature, top_k=g.top_k, seed=g.seed)
-
-
 def split_halves(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """Two halves with the same share of every prompt `kind`: rows of each kind go to A and B in turn.
     (The world lists its pairs helpful, harmful, helpful, ...: a plain even/odd split would give one
@@ -348,9 +346,10 @@ def pairs_gold_reward(world, pairs: pa.Table) -> dict[str, dict]:
 def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[str], prompts: pa.Table,
                  max_length: int, path: Path, workers: Workers) -> None:
     """Generate with every agent, build the contrastive pairs both ways, score their references."""
-    hosts = workers.host(_specs(agents))
-    (path / "placement.json").write_text(json.dumps(workers.hosts.where(hosts)))
-    gen = generate_responses(prompts, hosts, **_generation(config.generation)).to_pylist()
+    gen = workers.generate(prompts, _specs(agents), **config.generation.model_dump()).to_pylist()
+    # the student's likelihood of the teachers' answers, and each positive agent's as the DPO reference
+    hosts = workers.host(_specs({agent: agents[agent] for agent in ["student", *teachers]}))
+    (path / "placement.json").write_text(json.dumps(workers.hosts.where()))
     # the student's likelihood of each teacher's positive response picks its chosen one
     candidates = pa.Table.from_pylist([{"prompt": row["prompt"], "response": row[f"{t}_response"],
                                         "host": "student", "teacher": t, "i": i}

@@ -32,9 +32,22 @@ class RunExistsError(RuntimeError):
 
 
 def content_hash(*parts) -> str:
-    """A short stable hash of JSON-able parts (configs, parent hashes, code versions)."""
-    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
+    """A short stable hash of JSON-able parts (configs, parent hashes, code versions). A config's fields named
+    in its class's `NOT_IN_KEYS` are left out: they change how a stage runs, not what it makes."""
+    blob = json.dumps([_keyed(p) for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _keyed(value, dumped=None):
+    """`value` as JSON, configs (at any depth) without their NOT_IN_KEYS fields; `dumped`: its JSON form."""
+    if isinstance(value, BaseModel):
+        dumped, skip = value.model_dump(mode="json"), getattr(type(value), "NOT_IN_KEYS", ())
+        return {name: _keyed(getattr(value, name), dumped[name]) for name in dumped if name not in skip}
+    if isinstance(value, (list, tuple)) and dumped is not None:
+        return [_keyed(v, d) for v, d in zip(value, dumped)]
+    if isinstance(value, dict) and dumped is not None:
+        return {k: _keyed(value[k], dumped[k]) for k in dumped}
+    return value if dumped is None else dumped
 
 
 def file_hash(path: str | Path) -> str:
