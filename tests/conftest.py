@@ -1,8 +1,6 @@
 """Shared fixtures: a real local Ray cluster and tiny real checkpoints saved by the tests."""
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +13,12 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",  # Ray Train polls its state API
-             log_to_driver=True)  # never a cluster already running here
+    from jobs.common import connect_ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # never a cluster already running here: a local instance, as a job starts
+    # 4 logical CPUs on any machine: the shared training workers keep 2 while a test starts a worker group of
+    # its own (the official-style loop of the WSPO benchmark); the tests never train in both at once.
+    connect_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 
@@ -35,6 +37,15 @@ def job_env(checkpoint_pause: float = 0) -> dict:
     return env
 
 
+@pytest.fixture(scope="session")
+def workers(ray_local, tmp_path_factory):
+    """One set of model hosts and training workers shared by the in-process tests, as a job shares its own."""
+    from actors.workers import Workers
+
+    with Workers(tmp_path_factory.mktemp("workers")) as shared:
+        yield shared
+
+
 @dataclass
 class TinyPrepared:
     cache: Path  # the content-hash cache every method job's test shares
@@ -43,17 +54,36 @@ class TinyPrepared:
     run: Path  # its run folder
 
 
+def _job_in_process(module: str, config: str, cwd: Path, workers, *overrides: str) -> str:
+    """`python -m jobs.<module> --config <config> --set ...` run in this process, from `cwd`, on the tests' Ray and
+    shared workers (what a job run as its own process starts for itself): what it printed."""
+    import contextlib
+    import importlib
+    import io
+
+    from jobs.common import load_config, run_seeds
+
+    job = importlib.import_module(f"jobs.{module}")
+    config_class, run_one = {"prepare": ("PrepareConfig", "run_one"), "wspo": ("WSPOConfig", "run_wspo")}[module]
+    screen, here = io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(screen), contextlib.redirect_stderr(screen):
+            run_seeds(load_config(getattr(job, config_class), config, list(overrides)), getattr(job, run_one),
+                      job.tables, job.sections, workers=workers)
+    finally:
+        os.chdir(here)
+    return screen.getvalue()
+
+
 @pytest.fixture(scope="session")
-def tiny_prepared(tmp_path_factory) -> TinyPrepared:
-    """`python -m jobs.prepare` on the tiny world, as a user runs it from another working directory, into the
-    cache the method jobs' tests share: the tiny world is prepared once for all of them."""
+def tiny_prepared(workers, tmp_path_factory) -> TinyPrepared:
+    """The tiny world's prepare job, from another working directory (its relative runs/ folder), into the cache the
+    method jobs' tests share: the tiny world is prepared once for all of them."""
     cwd = tmp_path_factory.mktemp("tiny_prepare")
     cache = cwd / "cache"
-    done = subprocess.run([sys.executable, "-m", "jobs.prepare", "--config", str(ROOT / "configs/tiny.yaml"),
-                           "--set", f"cache_dir={cache}"], cwd=cwd, env=job_env(), capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return TinyPrepared(cache, cwd, done.stdout + done.stderr, cwd / "runs" / "tiny")
+    output = _job_in_process("prepare", str(ROOT / "configs/tiny.yaml"), cwd, workers, f"cache_dir={cache}")
+    return TinyPrepared(cache, cwd, output, cwd / "runs" / "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +92,13 @@ def tiny_cache(tiny_prepared) -> Path:
 
 
 @pytest.fixture(scope="session")
-def workers(ray_local, tmp_path_factory):
-    """One set of model hosts and training workers shared by the in-process tests, as a job shares its own."""
-    from actors.workers import Workers
-
-    with Workers(tmp_path_factory.mktemp("workers")) as shared:
-        yield shared
+def tiny_wspo(tiny_cache, workers, tmp_path_factory) -> Path:
+    """The tiny WSPO job, uninterrupted, into the shared cache: its run folder (the fault test's reference
+    numbers; the same job submitted to a cluster then finds every stage cached)."""
+    runs = tmp_path_factory.mktemp("tiny_wspo")
+    _job_in_process("wspo", str(ROOT / "configs/tiny_wspo.yaml"), ROOT, workers, f"runs_dir={runs}",
+                    f"cache_dir={tiny_cache}")
+    return runs / "tiny_wspo"
 
 
 @pytest.fixture(scope="session")

@@ -216,7 +216,7 @@ def _wait_for_http(url, timeout):
             time.sleep(1)
 
 
-def test_job_submit_with_token_auth(token_head, tiny_cache, tmp_path):
+def test_job_submit_with_token_auth(token_head, tiny_cache, tiny_wspo, tmp_path):
     url, env, no_auth_env, token = token_head
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -239,7 +239,8 @@ def test_job_submit_with_token_auth(token_head, tiny_cache, tmp_path):
     assert ok.returncode == 0, out
     assert "succeeded" in out and EXPECTED in out, out
 
-    # A method job of the project, as a user submits it: WSPO on the tiny world (prepare included).
+    # A method job of the project, as a user submits it: WSPO on the tiny world (its stages are in the tests'
+    # cache, built by the same job run locally: tiny_wspo), ending with the same numbers.
     runs, cache = tmp_path / "runs", tiny_cache
     wspo = _run([RAY, "job", "submit", f"--address={url}", f"--working-dir={ROOT}", "--", "python", "-m", "jobs.wspo",
                  "--config", "configs/tiny_wspo.yaml", "--set", f"runs_dir={runs}", "--set", f"cache_dir={cache}"],
@@ -252,5 +253,7 @@ def test_job_submit_with_token_auth(token_head, tiny_cache, tmp_path):
     assert {"helpful", "harmless", "total", "pgr", "sweep"} <= set(section) and section["gamma"] == 0.1
     assert [row["gamma"] for row in section["sweep"]] == [0.1, 0.5] and section["train_rows"] == 64
     assert set(metrics["models"]) == {"weak_base", "weak_aligned", "strong_base", "strong_ceiling"}
+    local = json.loads((tiny_wspo / "metrics.json").read_text())
+    assert metrics["models"] == local["models"] and section["sweep"] == local["methods"]["wspo"]["sweep"]
     report = (runs / "tiny_wspo" / "report.md").read_text()
     assert "Gamma sweep" in report and (runs / "tiny_wspo" / "plots" / "wspo_gamma_sweep.png").stat().st_size > 1000

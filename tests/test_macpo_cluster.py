@@ -1,10 +1,11 @@
 """MACPO end to end on a two-node Ray cluster started on this machine (ray.cluster_utils):
 
 - an uninterrupted run, whose stages must have used both nodes;
-- a run killed for real twice, the driver during the student's initialisation (after its first Ray
-  Train checkpoint) and one training worker during a round, then the same command is run again: it must
+- a run killed for real twice, the driver during the student's initialisation (after its first
+  checkpoint) and one training worker during a round, then the same command is run again: it must
   skip the finished stages, resume the killed one from its checkpoint, and end with the same numbers.
-Both runs share the tests' cache of the tiny world, so it is prepared once.
+Both runs share the tests' cache of the tiny world, so it is prepared once; the killed run starts with the
+uninterrupted run's finished teacher stages.
 """
 
 import json
@@ -111,8 +112,14 @@ def _train_workers(job: subprocess.Popen) -> list[psutil.Process]:
 
 
 def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cache):
+    import shutil
+
     run = work / "runs" / "killed"
     stages, checkpoints = run / "stages", run / "ray_train"
+    # the teachers' stages, finished as the uninterrupted run left them (they are deterministic): the kill
+    # lands in the student's initialisation without training them again
+    for stage in ("init_weak_a", "init_weak_a_negative", "init_weak_b", "init_weak_b_negative", "weak_labels"):
+        shutil.copytree(uninterrupted / "stages" / stage, stages / stage)
 
     # 1. kill the driver (and with it the whole two-node cluster) once the student's SFT has a checkpoint
     first_log = work / "killed_first.log"

@@ -60,17 +60,16 @@ def test_prepare_writes_its_run_folder_and_reuses_the_cache(tiny_prepared):
 
 
 def test_prepare_killed_mid_training_continues_to_the_same_numbers(tiny_prepared, tmp_path):
-    """kill -9 once the strong base has a checkpoint; the same command again reuses the weak base, resumes the
-    strong base from its checkpoint and ends with the numbers of the uninterrupted run."""
+    """kill -9 once the strong ceiling's DPO has a checkpoint; the same command again reuses the models before
+    it, resumes it from its checkpoint and ends with the numbers of the uninterrupted run."""
     shutil.copytree(tiny_prepared.cache, tmp_path / "cache",
                     ignore=lambda folder, names: [n for n in names if n.startswith(
-                        ("strong_base", "scored_pairs", "weak_aligned", "strong_ceiling", "workers-", ".strong",
-                         ".scored", ".weak_aligned"))])
+                        ("strong_ceiling", ".strong_ceiling", "workers-"))])
     # a checkpoint after every step (it changes no number); the workers wait after it, and are killed there
-    extra = ["--set", "cache_dir=cache", "--set", "strong.train.checkpoint_every=1"]
-    _kill_once_checkpointed(tmp_path, extra, "strong_base", tmp_path / "killed.log")
+    extra = ["--set", "cache_dir=cache", "--set", "align.checkpoint_every=1"]
+    _kill_once_checkpointed(tmp_path, extra, "strong_ceiling", tmp_path / "killed.log")
     again = _run(tmp_path, *extra)
-    assert "weak_base: cached" in again and "[train] resumed from step" in again
+    assert "weak_aligned: cached" in again and "[train] resumed from step" in again
     uninterrupted = json.loads((tiny_prepared.run / "metrics.json").read_text())["models"]
     assert json.loads((tmp_path / "runs/tiny/metrics.json").read_text())["models"] == uninterrupted
 

@@ -44,3 +44,19 @@ def test_a_run_folder_belongs_to_one_config(tmp_path):
     fresh = RunDir(tmp_path, "run", fresh=True)  # --overwrite
     fresh.claim(_Config(lr=0.2))
     assert not (fresh.path / "metrics.json").exists()
+
+
+def test_cache_keys_follow_what_a_stage_makes_not_how_it_runs():
+    """Checkpointing more often or logging less must not retrain a cached model (or refuse its checkpoints);
+    any field that changes the model must."""
+    from actors.trainer import TrainConfig
+    from pipelines.prepare import PretrainStage
+    from w2s.modeling import GPTSize
+    from w2s.runs import content_hash
+
+    def key(**fields) -> str:
+        return content_hash("stage-v1", PretrainStage(size=GPTSize(n_layer=1, n_embd=16, n_head=1),
+                                                      train=TrainConfig(mode="lm", **fields)))
+
+    assert key() == key(checkpoint_every=1, log_every=1, max_failures=3)
+    assert len({key(), key(lr=1e-3), key(num_workers=1), key(seed=1), key(epochs=2)}) == 5

@@ -14,7 +14,7 @@ class Config(StrictModel):
     seeds: list[int] = [0]
 
 
-def _run_one(config: Config, run: RunDir, seed: int) -> dict:
+def _run_one(config: Config, run: RunDir, seed: int, workers=None) -> dict:
     config = offset_seeds(config, seed)
     run.claim(config)
     return run.update_metrics({"models": {"weak": {"total": 0.5 + config.seed / 10}}, "name": "toy"})

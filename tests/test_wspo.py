@@ -149,10 +149,9 @@ def test_wspo_on_your_own_models_keeps_them_in_the_run_folder(workers, checkpoin
     assert model.config.n_layer == 2
 
 
-def test_wspo_killed_mid_training_continues_to_the_same_numbers(tiny_cache, tmp_path):
+def test_wspo_killed_mid_training_continues_to_the_same_numbers(tiny_wspo, tiny_cache, tmp_path):
     """kill -9 of `jobs.wspo` (driver, Ray and workers) once gamma 0.1 has a checkpoint; the same command again
-    resumes it and ends with the numbers of an uninterrupted run (in the tests' cache: built once, by whichever
-    test runs configs/tiny_wspo.yaml first)."""
+    resumes it and ends with the numbers of the uninterrupted run (the tests' `tiny_wspo`)."""
     import os
     import shutil
     import signal
@@ -162,24 +161,14 @@ def test_wspo_killed_mid_training_continues_to_the_same_numbers(tiny_cache, tmp_
 
     from conftest import ROOT, job_env
 
-    def command(cache: Path, runs: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "jobs.wspo", "--config", "configs/tiny_wspo.yaml",
-                "--set", f"runs_dir={tmp_path / runs}", "--set", f"cache_dir={cache}", *extra]
-
-    def finish(cache: Path, runs: str, *extra: str) -> str:
-        done = subprocess.run(command(cache, runs, *extra), cwd=ROOT, env=job_env(), capture_output=True, text=True,
-                              timeout=900)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        return done.stdout + done.stderr
-
-    finish(tiny_cache, "calm")
-    cache = tmp_path / "cache"  # the same prepared world, without the WSPO models
+    cache = tmp_path / "cache"  # the same prepared world and scores, without the WSPO models
     shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("wspo-*", "*.lock", "workers-*"))
     # a checkpoint after every step (it changes no number); the workers wait after it, and are killed there
-    every_step = ("--set", "train.checkpoint_every=1")
+    command = [sys.executable, "-m", "jobs.wspo", "--config", "configs/tiny_wspo.yaml", "--set",
+               f"runs_dir={tmp_path / 'runs'}", "--set", f"cache_dir={cache}", "--set", "train.checkpoint_every=1"]
     with open(tmp_path / "killed.log", "w") as log:
-        job = subprocess.Popen(command(cache, "killed", *every_step), cwd=ROOT, env=job_env(checkpoint_pause=30),
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        job = subprocess.Popen(command, cwd=ROOT, env=job_env(checkpoint_pause=30), stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
     # a complete checkpoint (a `.partial` one is never resumed from)
     while not [p for p in (cache / "ray_train").glob("wspo-*/step_*") if not p.name.endswith(".partial")]:
@@ -187,11 +176,13 @@ def test_wspo_killed_mid_training_continues_to_the_same_numbers(tiny_cache, tmp_
         time.sleep(0.1)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    text = finish(cache, "killed", *every_step)
+    again = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-4000:]
     assert "[train] resumed from step" in text and "weak_base: cached" in text
 
-    def numbers(runs: str) -> dict:
-        metrics = json.loads((tmp_path / runs / "tiny_wspo" / "metrics.json").read_text())
+    def numbers(run: Path) -> dict:
+        metrics = json.loads((run / "metrics.json").read_text())
         return {"models": metrics["models"], "sweep": metrics["methods"]["wspo"]["sweep"]}
 
-    assert numbers("killed") == numbers("calm")
+    assert numbers(tmp_path / "runs" / "tiny_wspo") == numbers(tiny_wspo)
