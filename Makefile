@@ -16,9 +16,16 @@ $(STAMP): pyproject.toml
 	# deepspeed builds from source; without isolation it uses the torch above instead of fetching another.
 	$(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# DeepSpeed JIT-compiles its CPU shared-memory op on first use (about a minute on 2 cores): build it
+	# here, once, so that the first training stage of a demo or test run does not pay for it.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
 
 demo: setup
 	$(PY) -m jobs.prepare --config $(DEMO_CONFIG)
@@ -27,11 +34,14 @@ wspo: setup
 	$(PY) -m jobs.wspo --config configs/wspo.yaml
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
-bench: setup
+# About an hour on a 2-core CPU machine: every number is measured side by side in one run (bench_results/*.json).
+bench: $(VENV)/.bench
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.wspo
+	$(PY) -m benchmarks.trl_dpo
+	$(PY) -m benchmarks.scaling
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -1,26 +1,24 @@
 """Throughput and utilization of the Ray scoring stage and the ZeRO-3 trainer (`make bench`).
 
-    python -m benchmarks.run                    # full: ~2000 pairs, a few minutes
-    python -m benchmarks.run --quick            # seconds-scale smoke version (used by the tests)
-    python -m benchmarks.run --out x.json --n-layer 2 --n-embd 32
+    python -m benchmarks.run                      # sizes "today" and "large" (see benchmarks/wspo.py)
+    python -m benchmarks.run --sizes today        # one size
+    python -m benchmarks.run --sizes quick        # seconds-scale (the tests call bench_scoring on it)
 
-What is measured, on freshly initialised GPT-2 checkpoints of the embedded world (default size: the
-strong model of configs/prepare.yaml; weights do not change the speed, so no pretraining is needed):
+At each size (freshly initialised GPT-2s of the world's tokenizer: weights do not change the speed):
 
-1. Log-prob scoring. `score_preferences` (Ray Data + one `ModelHost` actor) against a plain loop of
-   `response_logprobs` in this process, over the same pairs in batches of the same size (each batch:
-   the chosen and the rejected rows in one call, as the host does). Both are timed alternately
-   (plain, ray, plain, ray, ...) and the medians are compared. The Ray timing covers only the
-   `score_preferences` call: Ray start-up and the host's model load happen before, and a warm-up
-   call on a small file starts Ray Data's worker processes. It still includes what every call pays:
-   Ray Data planning, the stage's own small actors, row validation and the Parquet writes.
-2. Training. `train()` in mode "lm" on the world corpus with 2 and 1 Ray Train workers (--quick:
-   2 only; ZeRO-3, gloo). tokens/s comes from the trainer's summary (tokens_per_worker * world_size / seconds),
-   which starts after the workers are up and DeepSpeed is initialised; wall s includes start-up.
+1. Scoring, fixed against per-token cost. `score_preferences` (Ray Data through one model host: read,
+   check, score, write) against a plain loop of `response_logprobs` in this process, on the same pairs in
+   batches of the same size (each batch: chosen and rejected in one call, as the host does), at two data
+   sizes. Each path's time at the two sizes gives its per-token cost (the slope) and its fixed cost (what
+   is left at the smaller size). Both paths are timed alternately (plain, ray, plain, ray, ...) and the
+   medians are used; the host is started and warmed up before (its model load is a job's, not a call's).
+   The log-probs of the two paths are compared: the Ray path must score exactly what the plain loop does.
+2. Training. `train()` in mode "lm" on the world corpus with 2 Ray Train workers (ZeRO-3, gloo); tokens/s
+   from the trainer's summary (its clock starts after the workers are up and DeepSpeed is set up).
 3. Utilization: achieved model FLOP/s over the measured fp32 matmul FLOP/s of the CPUs used.
 
-Tokens are real tokens (attention-mask sums, prompt + response + EOS), the same count for both
-scoring paths; padding is work done but not counted.
+Tokens are real tokens (attention-mask sums, prompt + response + EOS), the same count for both scoring
+paths; padding is work done but not counted.
 """
 
 from __future__ import annotations
@@ -37,10 +35,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 96  # = GPTSize.n_positions: the world's texts are far shorter, so nothing is cut
+SCORING_PAIRS = {"quick": (32, 96), "today": (500, 2000), "large": (200, 800)}  # the two data sizes per size
+TRAIN_DOCS = {"quick": 256, "today": 6400, "large": 3200}
 
 
 def matmul_gflops(threads: int, n: int, repeats: int) -> float:
@@ -88,8 +87,10 @@ def forward_flops_per_token(model_path: Path, n_ctx: float) -> float:
     return 2 * n_matmul + 2 * layers * n_ctx * d
 
 
-def bench_scoring(model_path: Path, pairs: list[dict], work: Path, batch_size: int, repeats: int) -> dict:
-    """Plain loop vs the Ray Data stage with one host, alternately, on the same pairs."""
+def bench_scoring(model_path: Path, pairs: list[dict], sizes: tuple[int, int], work: Path, batch_size: int,
+                  repeats: int) -> dict:
+    """Plain loop against the Ray Data stage with one host, alternately, at two data sizes."""
+    import numpy as np
     import ray
     import torch
 
@@ -98,75 +99,104 @@ def bench_scoring(model_path: Path, pairs: list[dict], work: Path, batch_size: i
     from w2s.modeling import ModelSpec, load_model, response_logprobs, tokenize_pairs
 
     spec = ModelSpec(path=str(model_path))
-    own_threads = torch.get_num_threads()
+    threads = torch.get_num_threads()
     model, tokenizer = load_model(spec)
-    prompts = [r["prompt"] for r in pairs]
-    chosen, rejected = [r["chosen"] for r in pairs], [r["rejected"] for r in pairs]
-    tokens = int(tokenize_pairs(tokenizer, prompts + prompts, chosen + rejected, MAX_LENGTH).attention_mask.sum())
 
-    def plain(threads: int, n: int = len(pairs)) -> float:
-        torch.set_num_threads(threads)
-        start = time.perf_counter()
+    def plain(n: int) -> tuple[float, list]:
+        p, c, r = ([row[k] for row in pairs[:n]] for k in ("prompt", "chosen", "rejected"))
+        start, out = time.perf_counter(), []
         for i in range(0, n, batch_size):
-            p = prompts[i:i + batch_size]
-            response_logprobs(model, tokenizer, p + p, chosen[i:i + batch_size] + rejected[i:i + batch_size], MAX_LENGTH)
-        seconds = time.perf_counter() - start
-        torch.set_num_threads(own_threads)
-        return seconds
+            out += response_logprobs(model, tokenizer, p[i:i + batch_size] * 2,
+                                     c[i:i + batch_size] + r[i:i + batch_size], MAX_LENGTH)
+        return time.perf_counter() - start, out
 
-    data, warm = work / "pairs.jsonl", work / "warmup.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    warm.write_text("".join(json.dumps(r) + "\n" for r in pairs[:2 * batch_size]))
-
-    # The host runs as many torch threads as the pool gives one host alone on this machine.
+    files = {}
+    for n in (*sizes, batch_size):
+        files[n] = work / f"pairs_{n}.jsonl"
+        files[n].write_text("".join(json.dumps(row) + "\n" for row in pairs[:n]))
     pool = HostPool(max_hosts=1)
-    hosts = pool.hosts({"strong": spec})
-    host_threads = ray.get(hosts["strong"].actor.where.remote())["threads"]
-    host_cpus = host_threads
     try:
-        # Warm-up of both paths: Ray Data's worker processes, torch's thread pools and allocator.
-        score_preferences(warm, hosts, work / "warmup", batch_size=batch_size)
-        plain(own_threads, 2 * batch_size)
+        hosts = pool.hosts({"model": spec})
+        host_threads = ray.get(hosts["model"].actor.where.remote())["threads"]
+        score_preferences(files[batch_size], hosts, work / "warmup", batch_size=batch_size)  # Ray Data's workers
+        plain(batch_size)
 
-        def ray_stage() -> float:
+        def through_ray(n: int) -> float:
             start = time.perf_counter()
-            result = score_preferences(data, hosts, work / "scored", batch_size=batch_size)
+            result = score_preferences(files[n], hosts, work / f"scored_{n}", batch_size=batch_size)
             seconds = time.perf_counter() - start
-            assert result.n_scored == len(pairs), result.report
+            assert result.n_scored == n, result.report
             return seconds
 
-        # plain_host_threads: the plain loop with as many threads as the host has, to tell Ray's
-        # overhead apart from the thread count.
-        runs = {"plain": [], "plain_host_threads": [], "ray": []}
+        seconds = {(path, n): [] for path in ("plain", "ray") for n in sizes}
         for _ in range(repeats):
-            runs["plain"].append(plain(own_threads))
-            runs["plain_host_threads"].append(plain(host_threads))
-            runs["ray"].append(ray_stage())
+            for n in sizes:
+                seconds["plain", n].append(plain(n)[0])
+                seconds["ray", n].append(through_ray(n))
+        _, plain_logps = plain(sizes[0])
     finally:
         pool.shutdown()
-
-    out = {"pairs": len(pairs), "batch_size": batch_size, "tokens": tokens, "mean_seq_len": tokens / (2 * len(pairs)),
-           "plain_threads": own_threads, "ray_host_cpus": host_cpus, "ray_host_threads": host_threads}
-    for name, seconds in runs.items():
-        median = statistics.median(seconds)
-        out[name] = {"seconds": seconds, "median_seconds": median, "tokens_per_s": tokens / median}
-    out["ratio_ray_over_plain"] = out["ray"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
+    # the same numbers both ways: per batch the chosen rows, then the rejected ones
+    scored = pq.read_table(work / f"scored_{sizes[0]}" / "scored.parquet")
+    by_ray = []
+    for i in range(0, sizes[0], batch_size):
+        part = scored.slice(i, batch_size)
+        by_ray += part["model_chosen_logps"].to_pylist() + part["model_rejected_logps"].to_pylist()
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(by_ray, plain_logps))
+    tokens = {n: int(tokenize_pairs(tokenizer, [r["prompt"] for r in pairs[:n]] * 2,
+                                    [r["chosen"] for r in pairs[:n]] + [r["rejected"] for r in pairs[:n]],
+                                    MAX_LENGTH).attention_mask.sum()) for n in sizes}
+    out = {"sizes": list(sizes), "tokens": [tokens[n] for n in sizes], "batch_size": batch_size,
+           "plain_threads": threads, "ray_host_threads": host_threads, "max_abs_logprob_diff": diff}
+    for path in ("plain", "ray"):
+        small, large = (statistics.median(seconds[path, n]) for n in sizes)
+        per_token = (large - small) / (tokens[sizes[1]] - tokens[sizes[0]])
+        out[path] = {"median_seconds": [small, large], "us_per_token": 1e6 * per_token,
+                     "fixed_s": small - per_token * tokens[sizes[0]], "tokens_per_s": tokens[sizes[1]] / large}
     return out
 
 
-def bench_training(model_path: Path, corpus: Path, work: Path, workers: int) -> dict:
+def bench_training(model_path: Path, corpus: Path, work: Path) -> dict:
     from actors.trainer import TrainConfig, train
 
     # Checkpoints and logging off: the benchmark measures the training steps themselves.
-    config = TrainConfig(mode="lm", lr=3e-3, epochs=1.0, batch_size=32, warmup_ratio=0.02, num_workers=workers,
+    config = TrainConfig(mode="lm", lr=3e-3, epochs=1.0, batch_size=32, warmup_ratio=0.02, num_workers=2,
                          checkpoint_every=10**6, log_every=10**6)
     start = time.perf_counter()
-    summary = train(config, model_path, corpus, work / f"model-{workers}w", f"bench-lm-{workers}w", work / "storage",
-                    MAX_LENGTH)
+    summary = train(config, model_path, corpus, work / "model", "bench-lm", work / "storage", MAX_LENGTH)
     wall = time.perf_counter() - start
     tokens = summary["tokens_per_worker"] * summary["world_size"]
-    return {"workers": workers, "steps": summary["steps"], "tokens": tokens, "seconds": summary["seconds"],
+    return {"workers": 2, "steps": summary["steps"], "tokens": tokens, "seconds": summary["seconds"],
             "wall_seconds": wall, "tokens_per_s": tokens / summary["seconds"]}
+
+
+def bench_size(size: str, work: Path, one_thread_gflops: float, repeats: int) -> dict:
+    """Scoring and training at one size of benchmarks/wspo.py; model FLOP/s against the matmul peak."""
+    from benchmarks.wspo import _parameters, sizes
+    from w2s.modeling import init_gpt2
+    from w2s.world import World, build_tokenizer
+
+    world, _, strong = sizes()[size]
+    tokenizer = build_tokenizer()
+    model_path = init_gpt2(strong.model_copy(update={"n_positions": MAX_LENGTH}), tokenizer, work / "model")
+    n_small, n_large = SCORING_PAIRS[size]
+    world = world.model_copy(update={"n_pair_prompts": n_large, "n_pretrain_docs": TRAIN_DOCS[size]})
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in World(world).preference_pairs()]
+    scoring = bench_scoring(model_path, pairs, (n_small, n_large), work, 32, repeats)
+    docs = World(world).corpus()
+    pq.write_table(pa.table({"text": docs}), work / "corpus.parquet")
+    training = bench_training(model_path, work / "corpus.parquet", work)
+    doc_len = statistics.mean(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])
+    seq_len = scoring["tokens"][1] / (2 * n_large)
+    score_flops, train_flops = forward_flops_per_token(model_path, seq_len), 3 * forward_flops_per_token(model_path, doc_len)
+    util = {"score_plain": (scoring["plain"]["tokens_per_s"] * score_flops, scoring["plain_threads"]),
+            "score_ray": (scoring["ray"]["tokens_per_s"] * score_flops, scoring["ray_host_threads"]),
+            "train": (training["tokens_per_s"] * train_flops, training["workers"])}
+    return {"size": size, "parameters": _parameters(model_path),
+            "scoring": scoring, "training": training,
+            "flops_per_token": {"score_forward": score_flops, "train": train_flops},
+            "utilization": {k: {"model_gflops": f / 1e9, "peak_gflops": cpus * one_thread_gflops,
+                                "percent": 100 * f / 1e9 / (cpus * one_thread_gflops)} for k, (f, cpus) in util.items()}}
 
 
 def write_results(results: dict, path: str | Path) -> None:
@@ -178,108 +208,61 @@ def write_results(results: dict, path: str | Path) -> None:
 
 
 def main() -> None:
-    prepare = yaml.safe_load((ROOT / "configs" / "prepare.yaml").read_text())
-    strong = prepare["strong"]["size"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="seconds-scale smoke run (few pairs, few steps)")
+    parser.add_argument("--sizes", nargs="+", default=["today", "large"], choices=["quick", "today", "large"])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of each scoring path")
     parser.add_argument("--out", default="bench_results/bench.json", help="JSON results (default: %(default)s)")
-    parser.add_argument("--n-layer", type=int, default=strong["n_layer"])
-    parser.add_argument("--n-embd", type=int, default=strong["n_embd"])
-    parser.add_argument("--n-head", type=int, default=strong["n_head"])
-    parser.add_argument("--batch-size", type=int, default=32, help="pairs per scoring batch (both paths)")
     args = parser.parse_args()
-    quick = args.quick
-    # quick: one repeat and only the 2-worker training run, to stay well inside a test's time budget.
-    n_pairs, repeats, train_docs = (100, 1, 256) if quick else (2000, 3, 6400)
-    train_workers = (2,) if quick else (2, 1)
-    matmul_n, matmul_repeats = (512, 10) if quick else (1024, 20)
 
-    # Before `import ray`: Ray Train would otherwise print every worker line twice.
-    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-    import ray
+    from jobs.common import connect_ray  # sets RAY_TRAIN_ENABLE_PRINT_PATCH=0 before Ray Train is imported
+
     import torch
-
-    from w2s.modeling import GPTSize, init_gpt2
-    from w2s.runs import markdown_table
-    from w2s.world import World, WorldConfig, build_tokenizer
 
     # Peak first, while nothing else of ours is running.
     threads = torch.get_num_threads()
-    peak = {"n": matmul_n, "threads": threads, "gflops": matmul_gflops(threads, matmul_n, matmul_repeats),
-            "gflops_1thread": matmul_gflops(1, matmul_n, matmul_repeats)}
+    peak = {"n": 1024, "threads": threads, "gflops": matmul_gflops(threads, 1024, 20),
+            "gflops_1thread": matmul_gflops(1, 1024, 20)}
+    connect_ray()
+    import ray
 
-    world = World(WorldConfig(**{**prepare["world"], "n_pair_prompts": n_pairs, "n_pretrain_docs": train_docs}))
-    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in world.preference_pairs()]
-    with tempfile.TemporaryDirectory(prefix="w2s-bench-") as tmp:
-        work = Path(tmp)
-        tokenizer = build_tokenizer()
-        size = GPTSize(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_positions=MAX_LENGTH)
-        model_path = init_gpt2(size, tokenizer, work / "init")
-        docs = world.corpus()
-        corpus = work / "corpus.parquet"
-        pq.write_table(pa.table({"text": docs}), corpus)
-        doc_len = statistics.mean(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="w2s-bench-") as tmp:
+            results = []
+            for size in args.sizes:
+                print(f"[bench] size {size}", flush=True)
+                (Path(tmp) / size).mkdir()
+                results.append(bench_size(size, Path(tmp) / size, peak["gflops_1thread"], args.repeats))
+    finally:
+        ray.shutdown()
+    for result in results:
+        print_result(result, peak)
+    write_results({"machine": {"cpu_count": os.cpu_count(), "torch_threads": threads, "torch_version": torch.__version__,
+                               "ray_version": ray.__version__, "python": platform.python_version(),
+                               "processor": platform.processor() or platform.machine()},
+                   "matmul": peak, "sizes": results}, args.out)
 
-        # Worker logs stay in Ray's session folder: the table is this command's output. A failing
-        # stage still raises here with its traceback.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # keep the output a readable table
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # per-call plan lines and deprecation notes
-        try:
-            scoring = bench_scoring(model_path, pairs, work, args.batch_size, repeats)
-            training = [bench_training(model_path, corpus, work, w) for w in train_workers]
-        finally:
-            ray.shutdown()
-        score_flops = forward_flops_per_token(model_path, scoring["mean_seq_len"])
-        train_flops = 3 * forward_flops_per_token(model_path, doc_len)
 
-    def row(name, cpus, peak_gflops, tokens_per_s=None, flops_per_token=None, timed=None, wall=None) -> dict:
-        gflops = tokens_per_s * flops_per_token / 1e9 if tokens_per_s else None
-        return {"measurement": name, "CPUs": f"{cpus:g}", "tokens/s": round(tokens_per_s) if tokens_per_s else None,
-                "model GFLOP/s": gflops, "peak GFLOP/s": peak_gflops,
-                "utilization %": 100 * gflops / peak_gflops if gflops else None, "timed s": timed, "wall s": wall}
+def print_result(result: dict, peak: dict) -> None:
+    from w2s.runs import markdown_table
 
-    one = peak["gflops_1thread"]
-    rows = [
-        row(f"matmul fp32 {matmul_n}^2, {threads} threads", threads, peak["gflops"]),
-        row(f"matmul fp32 {matmul_n}^2, 1 thread", 1, one),
-        row(f"score: plain loop, {scoring['plain_threads']} threads", scoring["plain_threads"], peak["gflops"],
-            scoring["plain"]["tokens_per_s"], score_flops, scoring["plain"]["median_seconds"],
-            scoring["plain"]["median_seconds"]),
-        row(f"score: plain loop, {scoring['ray_host_threads']} thread(s) (as the host)", scoring["ray_host_threads"],
-            scoring["ray_host_threads"] * one, scoring["plain_host_threads"]["tokens_per_s"], score_flops,
-            scoring["plain_host_threads"]["median_seconds"], scoring["plain_host_threads"]["median_seconds"]),
-        row(f"score: Ray Data + 1 ModelHost, {scoring['ray_host_threads']} thread(s)", scoring["ray_host_cpus"],
-            scoring["ray_host_cpus"] * one, scoring["ray"]["tokens_per_s"], score_flops,
-            scoring["ray"]["median_seconds"], scoring["ray"]["median_seconds"]),
-    ] + [row(f"train lm ZeRO-3, {t['workers']} worker(s)", t["workers"], t["workers"] * one, t["tokens_per_s"],
-             train_flops, t["seconds"], t["wall_seconds"]) for t in training]
-
-    ratio_line = (f"side by side ({repeats} alternating repeats, medians): Ray/plain tokens/s = "
-                  f"{scoring['ratio_ray_over_plain']:.3f}")
-    print()
-    print(markdown_table(rows, floatfmt=".2f"))
-    print()
-    print(ratio_line)
-    print("score timed s: the score_preferences call only (no Ray start-up, no model load; warm-up call before).")
-    print("train timed s: the trainer's own clock (after worker start-up); wall s: the whole train() call.")
-    print("peak for Ray rows: CPUs used x 1-thread matmul FLOP/s; model FLOPs: 2N + 2 n_layer n_ctx d per token "
-          "forward, 3x that for training (see forward_flops_per_token).")
-
-    results = {
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": threads, "torch_version": torch.__version__,
-                    "ray_version": ray.__version__, "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
-        "quick": quick,
-        "model": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
-                  "score_forward_flops_per_token": score_flops, "train_flops_per_token": train_flops,
-                  "train_mean_seq_len": doc_len},
-        "matmul": peak,
-        "scoring": scoring,
-        "training": {f"workers_{t['workers']}": t for t in training},
-        "rows": rows,
-    }
-    write_results(results, args.out)
+    s, t = result["scoring"], result["training"]
+    print(f"\n## {result['size']}: {result['parameters'] / 1e6:.2f}M parameters\n")
+    print(f"matmul fp32 1024^2: {peak['gflops']:.0f} GFLOP/s on {peak['threads']} threads, "
+          f"{peak['gflops_1thread']:.0f} on 1\n")
+    print(markdown_table([{"scoring path": f"{path} ({s[f'{path}_threads' if path == 'plain' else 'ray_host_threads']} "
+                                           f"thread(s))", "fixed s": s[path]["fixed_s"],
+                           "us per token": s[path]["us_per_token"],
+                           f"tokens/s at {s['sizes'][1]} pairs": s[path]["tokens_per_s"],
+                           "median s (small, large)": ", ".join(f"{x:.2f}" for x in s[path]["median_seconds"])}
+                          for path in ("plain", "ray")], floatfmt=".2f"))
+    print(f"Ray/plain tokens/s at {s['sizes'][1]} pairs: {s['ray']['tokens_per_s'] / s['plain']['tokens_per_s']:.3f}; "
+          f"largest difference between the two paths' log-probs: {s['max_abs_logprob_diff']:.2e}")
+    print(f"train lm ZeRO-3, {t['workers']} workers: {t['tokens_per_s']:.0f} tokens/s over {t['steps']} steps "
+          f"({t['seconds']:.1f} s of steps, {t['wall_seconds']:.1f} s with start-up)")
+    print(markdown_table([{"measurement": name, **u} for name, u in result["utilization"].items()], floatfmt=".1f"))
+    print("peak: the CPUs used x the 1-thread matmul FLOP/s; model FLOPs: 2N + 2 n_layer n_ctx d per token forward, "
+          "3x that for training (forward_flops_per_token).")
 
 
 if __name__ == "__main__":
