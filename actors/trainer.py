@@ -418,8 +418,9 @@ def _save_final(engine, config: TrainConfig, stage: dict, tokenizer, rank: int, 
     staging = Path(stage["output_dir"] + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     if config.lora:
-        _save_merged_lora(stage["init_model"], config.lora, state, str(staging))
+        _save_merged_lora(stage["init_model"], config.lora, state, str(staging), stage["trust_remote_code"])
     else:
+        engine.module.config.use_cache = True  # off for training only: generation from the saved model wants it
         engine.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     (staging / TRAINED_MARKER).write_text(stage["name"])
@@ -433,13 +434,14 @@ def _add_lora(model, lora: LoraSettings):
                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
-def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str) -> None:
+def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str, trust_remote_code: bool) -> None:
     """Save the base model with the trained adapter merged in (a plain HF checkpoint every stage can
     load), and the adapter alone in `<out>/lora_adapter`."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(init_model, dtype=torch.float32, use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(init_model, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
     peft_model = _add_lora(base, lora)
     peft_model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     peft_model.save_pretrained(os.path.join(out, "lora_adapter"), safe_serialization=True)

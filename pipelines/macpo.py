@@ -50,7 +50,7 @@ from pipelines.prepare import PretrainStage, load_prepare, model_positions_of, p
 from w2s.config import ConfigError, StrictModel, offset_seeds
 from w2s.metrics import gold_scores, knowledge_overlap, pgr
 from w2s.data import RAW_SCHEMA, check_batch
-from w2s.modeling import ModelSpec, encode, load_tokenizer, resolve_max_length
+from w2s.modeling import ModelSpec, encode_prompts, load_tokenizer, resolve_max_length
 from w2s.runs import Cache, RunDir, markdown_table
 
 
@@ -266,12 +266,12 @@ def _max_length(config: MACPOConfig, prepare_config) -> int:
 
 def check_room_to_generate(config: MACPOConfig, prompts: list[str], tokenizer, max_length: int) -> None:
     """Refuse, before any training, generation settings whose responses could not fit max_length."""
-    longest = max(len(ids) for ids in encode(tokenizer, prompts))
+    longest = max(len(ids) for ids in encode_prompts(tokenizer, prompts))
     for name in ("generation", "eval_generation"):
         new = getattr(config, name).max_new_tokens
         if longest + new + 1 > max_length:
             raise ConfigError(f"{name}.max_new_tokens {new}: the longest prompt ({longest} tokens) + {new} new tokens "
-                              f"+ EOS > max_length {max_length}; lower it or raise max_length")
+                              f"+ end of turn > max_length {max_length}; lower it or raise max_length")
 
 
 def check_pairs(rows: list[dict], tokenizer, max_length: int, source: str) -> tuple[list[dict], list[dict]]:

@@ -100,3 +100,63 @@ def test_generation_with_no_room_is_refused_not_crashed(checkpoints):
     model, tokenizer = load_model(ModelSpec(path=str(checkpoints["weak"])))
     with pytest.raises(TooLongError, match=r"a prompt of 6 tokens \+ max_new_tokens 91 > the model's 96 positions"):
         generate(model, tokenizer, ["q: a?", "q: ab?"], max_new_tokens=91, max_length=96)
+
+
+def test_selective_log_softmax_equals_the_full_one_in_value_and_gradient(monkeypatch):
+    """A few rows at a time, the same numbers as the full float32 log-softmax gathered, bit for bit."""
+    import w2s.modeling as modeling
+
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 7, 301) * 4).requires_grad_()
+    targets = torch.randint(0, 301, (5, 7))
+    full = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (full_grad,) = torch.autograd.grad(full.sum(), logits)
+    monkeypatch.setattr(modeling, "LOG_SOFTMAX_CHUNK", 2 * 7 * 301)  # 2 rows a chunk: 3 chunks
+    chunked = modeling.selective_log_softmax(logits, targets)
+    (chunked_grad,) = torch.autograd.grad(chunked.sum(), logits)
+    assert torch.equal(chunked, full) and torch.equal(chunked_grad, full_grad)
+    half = modeling.selective_log_softmax(logits.detach().bfloat16(), targets)  # bf16 logits, float32 maths
+    assert half.dtype == torch.float32 and torch.allclose(half, full.detach(), atol=0.1)
+
+
+def test_a_token_budget_splits_a_call_into_runs_that_fit():
+    from w2s.modeling import token_budget_batches
+
+    # padded size = rows x longest: 3 rows of 10 fit 40; a 50-token row goes alone; then 2 of 20
+    assert token_budget_batches([10, 10, 10, 50, 20, 20], 40) == [range(0, 3), range(3, 4), range(4, 6)]
+    assert token_budget_batches([5, 30, 5], 40) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert token_budget_batches([8] * 4, 10**6) == [range(0, 4)]
+    assert token_budget_batches([], 40) == []
+
+
+def test_scoring_under_a_token_budget_gives_the_unsplit_numbers(checkpoints):
+    model, tokenizer = load_model(ModelSpec(path=str(checkpoints["strong"])))
+    prompts = ["q: zorb color?\na:", "q: how to rob x?\na:", "q: a?\na:"]
+    responses = [" red.", " sorry, i can't help with that.", " blue."]
+    whole = response_logprobs(model, tokenizer, prompts, responses, max_length=96)
+    split = response_logprobs(model, tokenizer, prompts, responses, max_length=96, max_tokens=40)  # one row a call
+    assert [len(r) for r in split] == [len(r) for r in whole]
+    assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(split, whole))
+
+
+def test_a_bos_tokenizer_gets_one_bos_before_every_prompt():
+    """A Llama-style tokenizer puts BOS first by default; the project encodes without special tokens, so the
+    prompt gets it back once: a plain prompt that writes "<s>" keeps it as text, and a chat-rendered prompt
+    whose template already starts with BOS gets no second one. A tokenizer without one gets none."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from w2s.modeling import encode_prompts, pair_ids
+
+    vocab = {"<s>": 0, "</s>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    inner.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    inner.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>")
+    assert encode_prompts(tokenizer, ["ab", "<s>ab"]) == [[0, 67, 68], [0, 30, 85, 32, 67, 68]]
+    assert pair_ids(tokenizer, ["ab"], ["c"]) == [([0, 67, 68], [69, 1])]
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert encode_prompts(tokenizer, ["<s>ab"]) == [[0, 67, 68]]
+    inner.post_processor = None
+    assert encode_prompts(PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>"),
+                          ["ab"]) == [[67, 68]]

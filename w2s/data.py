@@ -16,7 +16,9 @@ Accepted records (TRL conventions):
   lists must end in an assistant message and agree on everything before it, which becomes the prompt.
   Rendering: with a tokenizer that has a chat template, the prompt is
   `apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)` and a response is the assistant's
-  content. Otherwise each prompt message is written `"{role}: {content}\\n"`, the prompt ends in `"assistant:"`
+  content; a prompt message whose content holds special-token text (`<|im_end|>`) is set aside, since the
+  rendered prompt's special tokens are read as control tokens. Otherwise each prompt message is written
+  `"{role}: {content}\\n"`, the prompt ends in `"assistant:"`
   and a response is `" " + content`, so prompt + response reads `"user: hi\\nassistant: hello"`.
 
 Extra fields are ignored. In every form, a text that is empty or only whitespace is an error, and so is
@@ -269,7 +271,7 @@ def _conversational(record: dict, tokenizer) -> tuple[str, str, str]:
     chosen = _messages(record, "chosen")
     rejected = _messages(record, "rejected")
     if "prompt" in record:
-        prompt = _messages(record, "prompt")
+        prompt, prompt_field = _messages(record, "prompt"), "prompt"
         for field, messages in (("chosen", chosen), ("rejected", rejected)):
             if len(messages) != 1 or messages[0]["role"] != "assistant":
                 raise _Bad(field, "after an explicit prompt, expected exactly one assistant message")
@@ -280,10 +282,27 @@ def _conversational(record: dict, tokenizer) -> tuple[str, str, str]:
         if chosen[:-1] != rejected[:-1]:
             i = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
             raise _Bad(f"rejected[{i}]", "differs from 'chosen' before the final assistant reply")
-        prompt = chosen[:-1]
+        prompt, prompt_field = chosen[:-1], "chosen"
     if not any(m["content"].strip() for m in prompt):
         raise _Bad("prompt", "empty text")
+    _no_control_text(prompt, prompt_field, tokenizer)
     return (_render_prompt(prompt, tokenizer), *(_render_reply(m[-1], tokenizer) for m in (chosen, rejected)))
+
+
+def _no_control_text(messages: list[dict], field: str, tokenizer) -> None:
+    """A chat template's control tokens are read as special tokens in the rendered prompt, so a message whose
+    content writes one (`<|im_end|>`) would end its turn early: such a row is set aside, never rendered."""
+    from w2s.modeling import control_tokens
+
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    for i, message in enumerate(messages):
+        content = message["content"]
+        found = [t for t in control_tokens(tokenizer) if t and t in content]
+        if found:
+            first = min(found, key=content.index)  # the one a reader sees first
+            raise _Bad(f"{field}[{i}].content", f"holds the special-token text {first!r}, which the chat template "
+                                                "would read as a control token")
 
 
 def _messages(record: dict, field: str) -> list[dict]:

@@ -131,10 +131,46 @@ def same_tokenization(tokenizer_a, tokenizer_b, probes: list[str]) -> bool:
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of plain texts, the one tokenization of the project (the length check, scoring, training,
-    generation): no special tokens added, and none read out of the text, so a user's `<eos>` or
-    `<|im_end|>` is text, not an end of sequence."""
+    """Token ids of plain texts (responses, corpus documents): no special tokens added, and none read out
+    of the text, so a user's `<eos>` or `<|im_end|>` in a response is text, not an end of turn."""
     return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of prompts, the one prompt tokenization of the project (the length check, scoring,
+    training, generation). A prompt rendered by a chat template carries the template's control tokens
+    (`<|im_start|>`): they are read as the special tokens they are (the data check sets aside chat
+    messages whose content holds special-token text). Without a chat template a prompt is plain text,
+    read like a response. A tokenizer that puts BOS before every text (Llama-style) gets it here, once,
+    where the prompt does not start with it already."""
+    bos = bos_prefix(tokenizer)
+    plain = not getattr(tokenizer, "chat_template", None)
+    ids = tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+    return [bos + row if bos and row[:1] != bos else row for row in ids]
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer's own default encoding starts a text with it, else []."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends a response: the one a chat template writes after an assistant turn
+    (`<|im_end|>`), or EOS for a tokenizer without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.eos_token_id
+    mark = "w2s-end-of-turn-probe"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
+                                              {"role": "assistant", "content": mark}], tokenize=False)
+    after = tokenizer(rendered[rendered.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"]
+    return after[0] if after and after[0] in control_tokens(tokenizer).values() else tokenizer.eos_token_id
+
+
+def control_tokens(tokenizer) -> dict[str, int]:
+    """The special tokens a prompt's text is read for (text -> id): EOS, BOS, a chat template's turn markers."""
+    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    return {**added, **dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))}
 
 
 class TooLongError(ValueError):
@@ -145,30 +181,32 @@ class TooLongError(ValueError):
 class TokenizedBatch:
     input_ids: torch.Tensor  # [B, T], right-padded
     attention_mask: torch.Tensor  # [B, T]
-    response_mask: torch.Tensor  # [B, T] 1 where the token is a response token (EOS included)
+    response_mask: torch.Tensor  # [B, T] 1 where the token is a response token (end of turn included)
 
 
 def pair_ids(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + EOS) of each pair: tokenized apart, so the response mask is exact and
-    every model that shares the tokenizer sees the same token positions."""
-    eos = tokenizer.eos_token_id
-    return [(p, r + [eos]) for p, r in zip(encode(tokenizer, prompts), encode(tokenizer, responses), strict=True)]
+    """(prompt ids, response ids + end of turn) of each pair: tokenized apart, so the response mask is
+    exact and every model that shares the tokenizer sees the same token positions."""
+    end = end_of_turn_id(tokenizer)
+    return [(p, r + [end]) for p, r in zip(encode_prompts(tokenizer, prompts), encode(tokenizer, responses),
+                                           strict=True)]
 
 
 def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> TokenizedBatch:
-    """Prompt + response + EOS, right-padded, with a mask over the response tokens. Never cuts a row:
+    """Prompt + response + end of turn, right-padded, with a mask over the response tokens. Never cuts a row:
     one longer than `max_length` raises TooLongError."""
     return pad_pairs(pair_ids(tokenizer, prompts, responses), tokenizer.pad_token_id, max_length)
 
 
 def pad_pairs(pairs, pad_id: int, max_length: int) -> TokenizedBatch:
-    """(prompt ids, response ids + EOS) pairs -> one right-padded batch with its response mask; the
+    """(prompt ids, response ids + end of turn) pairs -> one right-padded batch with its response mask; the
     training workers tokenize their data once and pad each step's rows here."""
     rows, masks = [], []
     for i, (p, r) in enumerate(pairs):
         if len(p) + len(r) > max_length:
-            raise TooLongError(f"row {i} of the batch: prompt + response + EOS take {len(p) + len(r)} tokens > "
-                               f"max_length {max_length}; check rows (w2s.data.check_batch) before scoring them")
+            raise TooLongError(f"row {i} of the batch: prompt + response + end of turn take {len(p) + len(r)} "
+                               f"tokens > max_length {max_length}; check rows (w2s.data.check_batch) before "
+                               "scoring them")
         rows.append(list(p) + list(r))
         masks.append([0] * len(p) + [1] * len(r))
     width = max(len(r) for r in rows)
@@ -186,27 +224,66 @@ def token_logprobs(model, batch: TokenizedBatch) -> torch.Tensor:
     """
     device = next(model.parameters()).device
     ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    logp = selective_log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
     return logp * batch.response_mask[:, 1:].to(device)
 
 
+LOG_SOFTMAX_CHUNK = 2**25  # float32 logits converted at a time (128 MiB): a few rows of a 150k vocabulary
+
+
+def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., target] in float32, without the full [B, T, V] float32 log-softmax: a few
+    rows at a time (on a 150k vocabulary the full one is gigabytes per batch; this holds one chunk).
+    Each chunk takes the same row-wise log-softmax as the whole batch would, so the numbers are those of
+    the unchunked computation bit for bit (the target's logit minus logsumexp rounds differently)."""
+    rows = max(1, LOG_SOFTMAX_CHUNK // max(1, logits.shape[1] * logits.shape[2]))
+    out = [torch.log_softmax(chunk.float(), dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+           for chunk, index in zip(logits.split(rows), targets.split(rows))]
+    return torch.cat(out)
+
+
+def token_budget_batches(lengths: list[int], max_tokens: int) -> list[range]:
+    """Consecutive runs of rows whose padded size (rows x longest) stays within `max_tokens`, in order:
+    a host call of long rows is split instead of materialising [rows, T, vocab] logits at once. A row
+    longer than the budget goes alone."""
+    runs, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and max(longest, n) * (i - start + 1) > max_tokens:
+            runs.append(range(start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if lengths:
+        runs.append(range(start, len(lengths)))
+    return runs
+
+
+DEFAULT_TOKENS_PER_CALL = 16384  # padded tokens per forward pass of a host call
+
+
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list:
-    """Per-token log-probs of each response (EOS included), one float32 numpy array per response."""
-    batch = tokenize_pairs(tokenizer, prompts, responses, max_length)
-    logp = token_logprobs(model, batch).cpu()
-    mask = batch.response_mask[:, 1:].bool()
-    return [row[m].numpy() for row, m in zip(logp, mask)]
+def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                      max_tokens: int = DEFAULT_TOKENS_PER_CALL) -> list:
+    """Per-token log-probs of each response (end of turn included), one float32 numpy array per response;
+    forward passes of at most `max_tokens` padded tokens each (token_budget_batches)."""
+    pairs = pair_ids(tokenizer, prompts, responses)
+    out = []
+    for run in token_budget_batches([len(p) + len(r) for p, r in pairs], max_tokens):
+        batch = pad_pairs([pairs[i] for i in run], tokenizer.pad_token_id, max_length)
+        logp = token_logprobs(model, batch).cpu()
+        mask = batch.response_mask[:, 1:].bool()
+        out += [row[m].numpy() for row, m in zip(logp, mask)]
+    return out
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, seed: int = 0, max_length: int | None = None) -> list[str]:
-    """Generate a response for each prompt (greedy by default), decoded without special tokens.
-    `max_length`: the positions the model takes; a prompt with no room for `max_new_tokens` is refused."""
+    """Generate a response for each prompt (greedy by default) until its end of turn, decoded without
+    special tokens. Prompts are left-padded into one batch (a test checks that this equals one prompt at
+    a time). `max_length`: the positions the model takes; a prompt with no room for `max_new_tokens` is
+    refused, never cut."""
     torch.manual_seed(seed)
-    ids = encode(tokenizer, prompts)
+    ids = encode_prompts(tokenizer, prompts)
     longest = max(map(len, ids))
     if max_length is not None and longest + max_new_tokens > max_length:
         raise TooLongError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} > the model's "
@@ -216,8 +293,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, do_sampl
     enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     tokenizer.padding_side = side
     device = next(model.parameters()).device
+    ends = list(dict.fromkeys([end_of_turn_id(tokenizer), tokenizer.eos_token_id]))
+    # use_cache: a trained model's config may say otherwise (training turns the cache off)
     kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+                  eos_token_id=ends, use_cache=True)
     if do_sample:
         kwargs.update(temperature=temperature, top_k=top_k or None)
     out = model.generate(**{k: v.to(device) for k, v in enc.items()}, **kwargs)
