@@ -163,7 +163,7 @@ def bench_training(model_path: Path, corpus: Path, work: Path) -> dict:
     config = TrainConfig(mode="lm", lr=3e-3, epochs=1.0, batch_size=32, warmup_ratio=0.02, num_workers=2,
                          checkpoint_every=10**6, log_every=10**6)
     start = time.perf_counter()
-    summary = train(config, model_path, corpus, work / "model", "bench-lm", work / "storage", MAX_LENGTH)
+    summary = train(config, model_path, corpus, work / "trained", "bench-lm", work / "storage", MAX_LENGTH)
     wall = time.perf_counter() - start
     tokens = summary["tokens_per_worker"] * summary["world_size"]
     return {"workers": 2, "steps": summary["steps"], "tokens": tokens, "seconds": summary["seconds"],
