@@ -137,3 +137,59 @@ def smollm2() -> Path:
     from w2s.smollm2 import convert
 
     return convert()
+
+
+# Made-up countries: SmolLM2 cannot know their capitals, the weak aligned model is taught them (a weak model
+# that knows what the strong one does not, the setting of weak-to-strong alignment).
+CAPITALS = [("Velmora", "Quillan", "Darsk"), ("Ostrava Prime", "Belk", "Nurren"), ("Tamsin", "Orlo", "Feyr"),
+            ("Kadria", "Suma", "Vittel"), ("Brenholt", "Ixa", "Marrow"), ("Cyrene Major", "Tolv", "Essa"),
+            ("Drummar", "Peliq", "Hollis"), ("Eskeland", "Varn", "Oduma"), ("Fenwyk", "Lorro", "Casp"),
+            ("Gallowen", "Myrr", "Tesk"), ("Harrowmere", "Quen", "Dallo"), ("Istrava", "Nemb", "Rusk"),
+            ("Jorvania", "Selk", "Amber"), ("Kelthos", "Uvra", "Pindle"), ("Lunaris", "Ghest", "Worran"),
+            ("Mordavia", "Tiel", "Boskov")]
+
+
+@dataclass
+class ChatModels:
+    data: Path  # chat-format preference JSONL: one user question, a right and a wrong assistant answer
+    weak_aligned: Path  # small Llama models on SmolLM2's tokenizer, trained here
+    weak_base: Path
+    strong: Path  # SmolLM2-135M-Instruct
+
+
+@pytest.fixture(scope="session")
+def chat_models(workers, smollm2, tmp_path_factory) -> ChatModels:
+    """Real formats next to SmolLM2: a chat-format preference file and two small Llama models that share its
+    tokenizer: the weak base freshly initialised, the weak aligned one its SFT on the right answers (one
+    training stage on the shared ZeRO-3 workers), so their log-ratio prefers the right answer."""
+    import json
+
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.trainer import TrainConfig
+    from w2s.data import load_pairs
+    from w2s.modeling import load_tokenizer
+
+    root = tmp_path_factory.mktemp("chat")
+    data = root / "capitals.jsonl"
+    data.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": f"What is the capital of {country}?"}],
+        "chosen": [{"role": "assistant", "content": f"The capital of {country} is {right}."}],
+        "rejected": [{"role": "assistant", "content": f"The capital of {country} is {wrong}."}]}) + "\n"
+        for country, right, wrong in CAPITALS))
+    tokenizer = load_tokenizer(smollm2)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    weak_base = root / "weak_base"
+    LlamaForCausalLM(config).save_pretrained(weak_base, safe_serialization=True)
+    tokenizer.save_pretrained(weak_base)
+    good, _ = load_pairs(data, tokenizer, max_length=256)
+    pq.write_table(good.select(["prompt", "chosen"]).rename_columns(["prompt", "response"]), root / "sft.parquet")
+    sft = TrainConfig(mode="sft", lr=1e-2, epochs=4, batch_size=4, num_workers=2, log_every=4)
+    workers.train(sft, weak_base, root / "sft.parquet", root / "weak_aligned", "chat-weak-sft", root / "storage", 256)
+    return ChatModels(data, root / "weak_aligned", weak_base, smollm2)

@@ -63,3 +63,49 @@ def test_chat_content_that_writes_a_control_token_is_set_aside(smol, tmp_path):
     assert bad.select(["row", "error_field", "error"]).to_pylist() == [
         {"row": 1, "error_field": "prompt[0].content",
          "error": "holds the special-token text '<|im_end|>', which the chat template would read as a control token"}]
+
+
+def test_wspo_trains_smollm2_from_your_chat_data_and_weak_llama_models(workers, chat_models, tmp_path):
+    """`jobs.wspo` with `prepare: null` on real formats: chat pairs, a Llama strong model with a chat template
+    and weak Llama models on its tokenizer. The trained model is kept in the run folder, loads as a chat model
+    (cache on, template kept, answers end at <|im_end|>), and its WSPO loss on the training responses fell."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from actors.trainer import TrainConfig
+    from pipelines.wspo import WSPOConfig, WSPOModels, run_wspo
+    from w2s.losses import wspo_loss
+    from w2s.runs import RunDir
+
+    gamma = 1.0
+    config = WSPOConfig(prepare=None, data=str(chat_models.data), cache_dir=str(tmp_path / "cache"),
+                        runs_dir=str(tmp_path / "runs"), gamma_sweep=[],
+                        models=WSPOModels(weak_aligned=ModelSpec(path=str(chat_models.weak_aligned)),
+                                          weak_base=ModelSpec(path=str(chat_models.weak_base)),
+                                          strong=ModelSpec(path=str(chat_models.strong))),
+                        train=TrainConfig(mode="wspo", gamma=gamma, lr=5e-5, epochs=2, batch_size=4, num_workers=2))
+    metrics = run_wspo(config, RunDir(config.runs_dir, "wspo"), workers=workers)
+    assert metrics["methods"]["wspo"]["train_rows"] == 16 and metrics["methods"]["wspo"]["set_aside_rows"] == 0
+
+    (trained,) = (tmp_path / "runs" / "wspo" / "checkpoints").glob("wspo_gamma_*")
+    model, tokenizer = load_model(ModelSpec(path=str(trained)))
+    assert model.config.model_type == "llama" and model.config.use_cache and tokenizer.chat_template
+    (table,) = [pq.read_table(p) for p in (tmp_path / "cache").glob("wspo_scores*/train.parquet")]
+    rows = table.to_pylist()
+    assert all(r["response"].startswith("The capital of") for r in rows)  # the assistant's content, rendered
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    after = response_logprobs(model, tokenizer, prompts, responses, max_length=256)
+    columns = ("strong_ref_logps", "weak_aligned_logps", "weak_base_logps")
+
+    def loss(policy) -> float:
+        per_row = [wspo_loss(*(torch.tensor(np.array([x])) for x in (p, *(r[c] for c in columns))),
+                             torch.ones(1, len(p)), gamma).item() for p, r in zip(policy, rows)]
+        return sum(per_row) / len(per_row)
+
+    ratio = np.mean([np.mean(a - np.array(r["strong_ref_logps"])) for a, r in zip(after, rows)])
+    before = [r["strong_ref_logps"] for r in rows]  # the policy starts as the strong base
+    # the weak pair prefers the answers SmolLM2 does not know: the trained model gives them more probability
+    assert loss(after) < 0.9 * loss(before) and ratio > 0, (loss(before), loss(after), ratio)
+    (answer,) = generate(model, tokenizer, prompts[:1], max_new_tokens=16, max_length=256)
+    assert answer and "<|im_end|>" not in answer
