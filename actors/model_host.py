@@ -21,21 +21,20 @@ from dataclasses import dataclass
 
 import ray
 
-from w2s.modeling import DEFAULT_TOKENS_PER_CALL, ModelSpec, check_model_path, weights_fingerprint
+from w2s.modeling import ModelSpec, check_model_path, weights_fingerprint
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ModelHost:
     """One causal LM at a time, loaded when a call names another one."""
 
-    def __init__(self, threads: int, tokens_per_call: int = DEFAULT_TOKENS_PER_CALL):
+    def __init__(self, threads: int):
         import torch
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(threads)  # forward passes give the same numbers at any thread count (measured)
         self.model = self.tokenizer = self.held = None
-        self.tokens_per_call = tokens_per_call  # padded tokens per forward pass: bounds the logits' memory
 
     def _use(self, model: dict) -> None:
         from w2s.modeling import load_model, model_positions
@@ -60,7 +59,8 @@ class ModelHost:
         from w2s.modeling import response_logprobs
 
         self._use(model)
-        rows = response_logprobs(self.model, self.tokenizer, prompts, responses, self.positions, self.tokens_per_call)
+        # forward passes of at most DEFAULT_TOKENS_PER_CALL padded tokens: bounds the logits' memory
+        rows = response_logprobs(self.model, self.tokenizer, prompts, responses, self.positions)
         return pa.array(rows, pa.list_(pa.float32()))
 
     def generate(self, model: dict, prompts: list[str], max_new_tokens: int, do_sample: bool = False,
@@ -96,11 +96,10 @@ class HostPool:
     """At most `max_hosts` model hosts for a whole job, each holding the model a stage last asked it for.
 
     placement: "PACK" lets Ray place hosts where it likes; "SPREAD" spreads them over the nodes.
-    tokens_per_call: padded tokens a host scores in one forward pass (a call of more is split).
     """
 
-    def __init__(self, max_hosts: int = 8, placement: str = "PACK", tokens_per_call: int = DEFAULT_TOKENS_PER_CALL):
-        self.max_hosts, self.placement, self.tokens_per_call = max_hosts, placement, tokens_per_call
+    def __init__(self, max_hosts: int = 8, placement: str = "PACK"):
+        self.max_hosts, self.placement = max_hosts, placement
         self._actors: list = []
         self._held: dict[int, dict] = {}  # actor index -> the model it holds (or last loaded)
         self._fingerprints: dict[tuple, str] = {}  # (path, size, mtime of its files) -> weights fingerprint
@@ -145,7 +144,7 @@ class HostPool:
         threads = max(1, math.floor(ray.cluster_resources().get("CPU", 1) / nodes / self.max_hosts))
         actor = ModelHost.options(num_cpus=0, num_gpus=gpus,
                                   scheduling_strategy="SPREAD" if self.placement == "SPREAD" else "DEFAULT"
-                                  ).remote(threads, self.tokens_per_call)
+                                  ).remote(threads)
         self._actors.append(actor)
         return len(self._actors) - 1
 

@@ -296,9 +296,10 @@ def _no_control_text(messages: list[dict], field: str, tokenizer) -> None:
 
     if not getattr(tokenizer, "chat_template", None):
         return
+    controls = [t for t in control_tokens(tokenizer) if t]
     for i, message in enumerate(messages):
         content = message["content"]
-        found = [t for t in control_tokens(tokenizer) if t and t in content]
+        found = [t for t in controls if t in content]
         if found:
             first = min(found, key=content.index)  # the one a reader sees first
             raise _Bad(f"{field}[{i}].content", f"holds the special-token text {first!r}, which the chat template "
