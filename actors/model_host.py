@@ -1,6 +1,7 @@
 """Model-hosting actors, started once per job and shared by its stages.
 
-A `ModelHost` holds one causal LM at a time and answers batched log-prob and generation calls. Every
+A `ModelHost` holds one model at a time and answers batched calls: log-probs and generation from a causal
+LM, one score per row from a reward (or cost) model (`task: sequence_classification`). Every
 call names the model it is for (path, dtype, and a fingerprint of the weights): a host that holds
 another one loads it in place first. So a host restarted by Ray after a crash, which comes back
 empty, loads what the retried call asks for, and the stage goes on with the same numbers.
@@ -8,8 +9,9 @@ empty, loads what the retried call asks for, and the stage goes on with the same
 `HostPool` is the one place that decides what runs where: a bounded number of hosts, started on
 first use and kept for the whole job; a stage asks for `{role: model}` and gets a host per distinct
 model, reusing a host that already holds it (roles whose weights are the same share one host).
-On a GPU cluster each host takes a whole GPU; on a CPU-only one hosts reserve no CPU (they compute
-only while the job's training workers wait for them) and run a fixed number of torch threads.
+Each host asks for what the job's `cluster.hosts` says (GPUs, a GPU type, custom resources); on CPUs hosts
+reserve no CPU (they compute only while the job's training workers wait for them) and run a fixed number
+of torch threads.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from dataclasses import dataclass
 
 import ray
 
+from actors.resources import HostResources, unavailable
 from w2s.modeling import ModelSpec, check_model_path, weights_fingerprint
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
 class ModelHost:
-    """One causal LM at a time, loaded when a call names another one."""
+    """One model at a time (a causal LM, or a reward model), loaded when a call names another one."""
 
     def __init__(self, threads: int):
         import torch
@@ -63,6 +66,16 @@ class ModelHost:
         rows = response_logprobs(self.model, self.tokenizer, prompts, responses, self.positions)
         return pa.array(rows, pa.list_(pa.float32()))
 
+    def rewards(self, model: dict, prompts: list[str], responses: list[str]):
+        """One score per prompt + response from a reward model (task sequence_classification), as an Arrow
+        float32 array; tokenized with its own tokenizer (pair_ids)."""
+        import pyarrow as pa
+
+        from w2s.modeling import sequence_rewards
+
+        self._use(model)
+        return pa.array(sequence_rewards(self.model, self.tokenizer, prompts, responses, self.positions), pa.float32())
+
     def generate(self, model: dict, prompts: list[str], max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
         from w2s.modeling import generate
@@ -91,6 +104,9 @@ class HostRef:
     def generate(self, prompts: list[str], **generation):
         return self.actor.generate.remote(self.model, prompts, **generation)
 
+    def rewards(self, prompts: list[str], responses: list[str]):
+        return self.actor.rewards.remote(self.model, prompts, responses)
+
 
 class HostPool:
     """At most `max_hosts` model hosts for a whole job, each holding the model a stage last asked it for.
@@ -98,8 +114,9 @@ class HostPool:
     placement: "PACK" lets Ray place hosts where it likes; "SPREAD" spreads them over the nodes.
     """
 
-    def __init__(self, max_hosts: int = 8, placement: str = "PACK"):
-        self.max_hosts, self.placement = max_hosts, placement
+    def __init__(self, max_hosts: int = 8, placement: str = "PACK", resources: HostResources = HostResources(),
+                 wait_s: float = 900):
+        self.max_hosts, self.placement, self.resources, self.wait_s = max_hosts, placement, resources, wait_s
         self._actors: list = []
         self._held: dict[int, dict] = {}  # actor index -> the model it holds (or last loaded)
         self._fingerprints: dict[tuple, str] = {}  # (path, size, mtime of its files) -> weights fingerprint
@@ -116,11 +133,14 @@ class HostPool:
             raise ValueError(f"a stage needs {len(canonical)} models at once, more than the job's {self.max_hosts} "
                              "model hosts: raise max_hosts")
         placed = {key: i for i, h in self._held.items() for key in canonical if _key(h) == key}
+        started = []
         for key, model in canonical.items():
             if key not in placed:
                 free = [i for i in range(len(self._actors)) if i not in placed.values()]
                 placed[key] = free[0] if free else self._start()
+                started += [] if free else [placed[key]]
                 self._held[placed[key]] = model
+        self._wait_placed(started)
         # load everything at once (hosts work in parallel); a model that cannot load fails here
         ray.get([self._actors[placed[key]].load.remote(model) for key, model in canonical.items()])
         return {role: HostRef(self._actors[placed[_key(m)]], canonical[_key(m)]) for role, m in wanted.items()}
@@ -139,14 +159,25 @@ class HostPool:
         return {**spec.model_dump(), "path": str(path), "fingerprint": self._fingerprints[stamp]}
 
     def _start(self) -> int:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        """A new host asking for `resources` (its placement is awaited by _wait_placed)."""
         nodes = max(1, len([n for n in ray.nodes() if n["Alive"]]))
         threads = max(1, math.floor(ray.cluster_resources().get("CPU", 1) / nodes / self.max_hosts))
-        actor = ModelHost.options(num_cpus=0, num_gpus=gpus,
+        bundle = self.resources.bundle()
+        actor = ModelHost.options(num_cpus=0, num_gpus=bundle.pop("GPU", 0), resources=bundle,
                                   scheduling_strategy="SPREAD" if self.placement == "SPREAD" else "DEFAULT"
                                   ).remote(threads)
         self._actors.append(actor)
         return len(self._actors) - 1
+
+    def _wait_placed(self, started: list[int]) -> None:
+        """New hosts placed and running (an autoscaler may start nodes for them first), or a clear error."""
+        if not started:
+            return
+        calls = [self._actors[i].where.remote() for i in started]
+        _, pending = ray.wait(calls, num_returns=len(calls), timeout=self.wait_s)
+        if pending:
+            self.shutdown()
+            raise unavailable("model hosts", self.resources.bundle(), len(pending), self.wait_s)
 
     def where(self, refs: dict[str, HostRef] | None = None) -> list[dict]:
         """Where each host runs and what it holds (only those of `refs`, when given)."""
@@ -160,5 +191,6 @@ class HostPool:
 
 
 def _key(model: dict) -> tuple:
-    """What makes two models the same for a host: their weights and how they are loaded."""
-    return (model["fingerprint"], model["dtype"], model["trust_remote_code"])
+    """What makes two models the same for a host: their weights and how they are loaded (a folder loaded as a
+    reward model is another model than the same folder loaded as a causal LM)."""
+    return (model["fingerprint"], model["dtype"], model["trust_remote_code"], model.get("task", "causal_lm"))

@@ -5,6 +5,7 @@
 - `generate_responses`: prompts -> one response per host, as Parquet.
 - `score_by_host`: rows that each name their host (e.g. a MACPO agent's own pairs) -> per-token
   log-probs of the given response columns under that row's host.
+- `reward_responses`: prompt + response rows -> one score per row from every reward-model host.
 
 Each batch calls every host it needs at once, so models on different GPUs work in parallel, and a few
 batches are in flight at a time, so a host always has the next call queued. The Ray Data tasks only
@@ -67,6 +68,14 @@ def _generate_batch(batch: pa.Table, hosts: dict, generation: dict) -> pa.Table:
     futures = {role: host.generate(prompts, **generation) for role, host in hosts.items()}
     for role, future in futures.items():
         batch = batch.append_column(f"{role}_response", pa.array(ray.get(future), pa.string()))
+    return batch
+
+
+def _reward_batch(batch: pa.Table, hosts: dict) -> pa.Table:
+    prompts, responses = batch.column("prompt").to_pylist(), batch.column("response").to_pylist()
+    futures = {role: host.rewards(prompts, responses) for role, host in hosts.items()}
+    for role, future in futures.items():
+        batch = batch.append_column(f"{role}_reward", ray.get(future))
     return batch
 
 
@@ -166,3 +175,9 @@ def score_by_host(table: pa.Table, hosts: dict, host_column: str, responses: tup
         raise ValueError(f"{host_column}: no host for {sorted(unknown)}; hosts are {sorted(hosts)}")
     return _through_hosts(table, _score_batch_by_host, {"hosts": hosts, "host_column": host_column,
                                                         "responses": tuple(responses), "prefix": prefix}, batch_size)
+
+
+def reward_responses(table: pa.Table, hosts: dict, batch_size: int = 32) -> pa.Table:
+    """`table` (`prompt`, `response`) with a `<role>_reward` float32 column per reward-model host (HostRef of a
+    `task: sequence_classification` model); row order is kept."""
+    return _through_hosts(table, _reward_batch, {"hosts": hosts}, batch_size)

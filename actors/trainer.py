@@ -41,6 +41,7 @@ from typing import ClassVar, Literal
 import ray
 from pydantic import Field, model_validator
 
+from actors.resources import TrainResources, wait_for
 from w2s.config import StrictModel
 
 
@@ -55,7 +56,7 @@ class LoraSettings(StrictModel):
 
 class TrainConfig(StrictModel):
     # How a stage runs, not what it makes: changing them reuses cached models and resumes checkpoints.
-    NOT_IN_KEYS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "max_failures")
+    NOT_IN_KEYS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "max_failures", "gradient_checkpointing")
 
     mode: Literal["lm", "sft", "dpo", "wspo"] = "dpo"
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
@@ -68,11 +69,16 @@ class TrainConfig(StrictModel):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed)")
     batch_size: int = Field(8, ge=1, description="micro-batch per worker")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step: a step "
+                                             "trains batch_size x this x num_workers rows")
     grad_clip: float = Field(1.0, gt=0)
     num_workers: int = Field(2, ge=1)
-    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     zero_stage: int = Field(3, ge=0, le=3)
     dtype: Literal["float32", "bfloat16"] | None = Field(None, description="None: bfloat16 on GPU, float32 on CPU")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory "
+                                         "(a 7B policy on 24-80 GB GPUs), about a third more compute")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="the policy's attention kernel (transformers); None: its default")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (none when the stage is shorter)")
     log_every: int = Field(20, ge=1)
     max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from within one job")
@@ -100,15 +106,15 @@ def _columns(config: TrainConfig, reference: str) -> dict[str, str]:
 
 
 def _schedule(n_rows: int, config: TrainConfig, world: int) -> tuple[int, int, int]:
-    """(rows per step over all workers, steps per epoch, total steps) of a run on `n_rows` rows."""
-    per_step = config.batch_size * world
+    """(rows per optimizer step over all workers, steps per epoch, total steps) of a run on `n_rows` rows."""
+    per_step = config.batch_size * config.gradient_accumulation_steps * world
     steps_per_epoch = math.ceil(n_rows / per_step)
     return per_step, steps_per_epoch, max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
 def _batches(n_rows: int, config: TrainConfig, rank: int, world: int, start_step: int = 0):
     """Deterministic (step, total steps, row indices) stream for one worker from `start_step`: each epoch
-    one seeded shuffle, split by rank.
+    one seeded shuffle, split by rank. A step's rows are `gradient_accumulation_steps` micro-batches.
 
     Every row is trained on each epoch: the epoch's last step, when the rows do not fill it, is topped
     up from the start of that epoch's order (`data_use` counts those repeats for the summary).
@@ -120,8 +126,9 @@ def _batches(n_rows: int, config: TrainConfig, rank: int, world: int, start_step
         if epoch != order_epoch:  # once per epoch, not per step: a resume does not replay it either
             order, order_epoch = list(range(n_rows)), epoch
             random.Random(config.seed * 1000 + epoch).shuffle(order)
-        start = within * per_step + rank * config.batch_size
-        yield step, total, [order[(start + k) % n_rows] for k in range(config.batch_size)]
+        per_worker = config.batch_size * config.gradient_accumulation_steps
+        start = within * per_step + rank * per_worker
+        yield step, total, [order[(start + k) % n_rows] for k in range(per_worker)]
 
 
 def data_use(n_rows: int, config: TrainConfig, world: int) -> dict:
@@ -250,6 +257,21 @@ def _wspo_loss(model, tokens, scored: dict, config: TrainConfig) -> tuple:
                                                      "amplification": slope.item()}
 
 
+def deepspeed_config(config: TrainConfig, dtype) -> dict:
+    import torch
+
+    return {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam is CUDA-only
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
     """Wrap `model` in a DeepSpeed engine (ZeRO stage of `config`) with AdamW on its trainable
     parameters and a linear warm-up + cosine schedule. Returns (engine, scheduler)."""
@@ -266,17 +288,8 @@ def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
     trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": config.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": config.grad_clip,
-        "zero_optimization": {"stage": config.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam is CUDA-only
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(config, dtype))
     return engine, scheduler
 
 
@@ -323,6 +336,7 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
 
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
 
     from w2s.modeling import load_tokenizer
 
@@ -331,9 +345,17 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
     torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if (config.dtype or ("bfloat16" if on_gpu else "float32")) == "bfloat16" else torch.float32
     tokenizer = load_tokenizer(stage["init_model"], stage["trust_remote_code"])
+    # ZeRO-3: while this object lives, from_pretrained partitions the weights over the workers as it loads them
+    # (deepspeed.zero.Init), instead of a whole fp32 copy of the model in every worker first. Only for this load:
+    # rank 0 alone loads a whole model to merge LoRA at the end.
+    zero3_init = HfDeepSpeedConfig(deepspeed_config(config, dtype)) if config.zero_stage == 3 else None
     model = AutoModelForCausalLM.from_pretrained(stage["init_model"], dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=stage["trust_remote_code"])
+                                                 trust_remote_code=stage["trust_remote_code"],
+                                                 attn_implementation=config.attn_implementation)
+    del zero3_init
     model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         model = _add_lora(model, config.lora)
     data = _StageData(stage["data"], config, stage["reference"], tokenizer, stage["max_length"])
@@ -348,10 +370,11 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
     engine.train()
     tokens, t0, last = 0, time.perf_counter(), {}
     for step, total, rows in _batches(data.n_rows, config, rank, world, start_step):
-        loss, ntok, last = _loss(engine, data.batch(rows), config)
-        engine.backward(loss)
-        engine.step()
-        tokens += ntok
+        for i in range(0, len(rows), config.batch_size):  # DeepSpeed steps the optimizer after the last one
+            loss, ntok, last = _loss(engine, data.batch(rows[i:i + config.batch_size]), config)
+            engine.backward(loss)
+            engine.step()
+            tokens += ntok
         if step % config.log_every == 0 or step == total - 1:
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             if rank == 0:
@@ -362,7 +385,7 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
                     writer.add_scalar(key, value, step)
         if (step + 1) % config.checkpoint_every == 0 and step < total - 1:
             _checkpoint(engine, folder, step, rank)
-    summary = {"steps": total_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
+    summary = {"steps": total_steps, "optimizer_steps": engine.global_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
                "world_size": world, "worker_nodes": nodes, "torch_threads": torch.get_num_threads(), "last": last,
                "resumed_from_step": start_step, "fingerprint": stage["fingerprint"]}
     _save_final(engine, config, stage, tokenizer, rank, summary)
@@ -524,21 +547,23 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
 class _WorkerGroup:
     """One Ray Train run (its own thread in the driver) whose workers train queued stages in order."""
 
-    def __init__(self, shape: tuple, storage: Path):
+    def __init__(self, shape: tuple, resources: TrainResources, storage: Path):
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        num_workers, use_gpu, cpus_per_worker, max_failures = shape
+        num_workers, max_failures = shape
+        per_worker = resources.bundle()
         self.queue = _StageQueue.options(num_cpus=0, max_concurrency=64).remote()
         self.busy = 0  # stages queued here and not yet ended (the driver's count)
         self.error: BaseException | None = None
         self.run_dir = storage / f"workers-{uuid.uuid4().hex[:8]}"
         trainer = TorchTrainer(
             _serve,
-            train_loop_config={"queue": self.queue, "use_gpu": use_gpu, "cpu_threads": max(1, int(cpus_per_worker))},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                         resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+            train_loop_config={"queue": self.queue, "use_gpu": resources.use_gpu,
+                               "cpu_threads": max(1, int(resources.cpus_per_worker))},
+            torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=resources.use_gpu,
+                                         resources_per_worker=per_worker),
             run_config=RunConfig(name=self.run_dir.name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=max_failures)),
         )
@@ -571,32 +596,33 @@ class _WorkerGroup:
 
 
 class TrainingWorkers:
-    """The training workers of one job: a Ray Train run per shape (workers, GPU, CPUs each, failures
-    allowed), started on its first stage and kept until `shutdown()`, training the stages one at a time.
+    """The training workers of one job: a Ray Train run per shape (workers, failures allowed), started on its
+    first stage and kept until `shutdown()`, training the stages one at a time. Every worker asks for
+    `resources` (the job's `cluster.train`); a new run first waits up to `wait_s` for the cluster to hold all
+    its workers at once (an autoscaler starts nodes for them), and fails clearly if it does not.
 
     `max_groups` runs of one shape may train side by side (independent stages submitted from several
     threads); None: as many as the cluster's CPUs (or GPUs) hold at once.
     """
 
-    def __init__(self, storage: str | Path, max_groups: int | None = None):
+    def __init__(self, storage: str | Path, resources: TrainResources = TrainResources(), wait_s: float = 900,
+                 max_groups: int | None = None):
         self.storage = Path(storage).resolve()  # Ray Train's own records of each run; removed at shutdown
-        self.max_groups = max_groups
+        self.resources, self.wait_s, self.max_groups = resources, wait_s, max_groups
         self._groups: dict[tuple, list[_WorkerGroup]] = {}
         self._lock = threading.Lock()
 
     def train(self, config: TrainConfig, init_model: str | Path, data: str | Path, output_dir: str | Path,
               name: str, storage_dir: str | Path, max_length: int, tensorboard_dir: str | Path | None = None,
-              reference: str = "ref", cpus_per_worker: float = 1.0, trust_remote_code: bool = False) -> dict:
+              reference: str = "ref", trust_remote_code: bool = False) -> dict:
         """Train `init_model` on `data` and write the resulting HF checkpoint to `output_dir`.
 
         `storage_dir/name` holds the stage's checkpoints: calling again with the same pair resumes from the
         last one. `reference` names the scored log-prob columns of the frozen reference:
         `<reference>_chosen_logps` and `<reference>_rejected_logps` for DPO, `<reference>_logps` for WSPO.
         `max_length` is the job's one length limit: a longer row is refused here, never cut
-        (w2s.modeling.resolve_max_length checks it against the model). `cpus_per_worker` is what each
-        worker reserves on a CPU cluster (below 1, several small stages can train at once) and, rounded
-        down to at least 1, its torch threads. Returns the train summary (steps, tokens, seconds, threads,
-        worker nodes, and `data`: rows fed, repeated and unused, see data_use).
+        (w2s.modeling.resolve_max_length checks it against the model). Returns the train summary (steps,
+        tokens, seconds, threads, worker nodes, and `data`: rows fed, repeated and unused, see data_use).
         """
         from w2s.modeling import load_tokenizer, weights_fingerprint
         from w2s.runs import content_hash, file_hash
@@ -618,7 +644,7 @@ class TrainingWorkers:
                      "output_dir": str(output_dir), "checkpoints": str(checkpoints), "max_length": max_length,
                      "reference": reference, "trust_remote_code": trust_remote_code, "fingerprint": fingerprint,
                      "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None}
-            summary = self._run(stage, config, cpus_per_worker)
+            summary = self._run(stage, config)
             _move_into_place(output_dir.with_name(output_dir.name + ".partial"), output_dir)
             for done in _complete_checkpoints(checkpoints):  # the model is out: its checkpoints are spent
                 shutil.rmtree(done)
@@ -628,9 +654,8 @@ class TrainingWorkers:
                   f"an epoch's last step, {use['rows_unused']} unused (epochs {config.epochs:g})", flush=True)
         return summary
 
-    def _run(self, stage: dict, config: TrainConfig, cpus_per_worker: float) -> dict:
-        use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-        group = self._group((config.num_workers, use_gpu, cpus_per_worker, config.max_failures))
+    def _run(self, stage: dict, config: TrainConfig) -> dict:
+        group = self._group((config.num_workers, config.max_failures))
         try:
             return group.run(stage)
         finally:
@@ -646,7 +671,9 @@ class TrainingWorkers:
                 group = min(idle or groups, key=lambda g: g.busy)
             else:
                 self._stop_idle_other_shapes(shape)  # they would hold the resources a new run needs
-                group = _WorkerGroup(shape, self.storage)
+                # Ray Train would wait for missing workers forever: wait here, with a deadline
+                wait_for(self.resources.bundle(), shape[0], self.wait_s, "training workers")
+                group = _WorkerGroup(shape, self.resources, self.storage)
                 groups.append(group)
             group.busy += 1
             return group
@@ -654,10 +681,10 @@ class TrainingWorkers:
     def _max_groups(self, shape: tuple) -> int:
         if self.max_groups is not None:
             return self.max_groups
-        num_workers, use_gpu, cpus_per_worker, _ = shape
-        resources = ray.cluster_resources()
-        per_group = num_workers * (1 if use_gpu else cpus_per_worker)
-        return max(1, int(resources.get("GPU" if use_gpu else "CPU", 0) // per_group))
+        # as many runs as the cluster's nodes hold now, counting every resource a worker asks for (an autoscaler
+        # adds nodes for the first run; the stages beyond what the nodes hold wait for a run to be free)
+        have = ray.cluster_resources()
+        return max(1, int(min(have.get(key, 0) // (need * shape[0]) for key, need in self.resources.bundle().items())))
 
     def _stop_idle_other_shapes(self, shape: tuple) -> None:
         for other, groups in self._groups.items():

@@ -4,10 +4,10 @@
       hosts     HostPool           model hosts for every scoring, generation and evaluation stage
       trainers  TrainingWorkers    Ray Train worker groups (DeepSpeed ZeRO-3) for every training stage
 
-Both live as long as the job. On a CPU-only cluster they coexist: training workers reserve their CPUs,
-and hosts reserve none (they work only while the training workers wait). On a GPU cluster each takes
-whole GPUs, so the hosts are stopped before a training stage and training workers before hosts start
-(the next stage that needs them starts them again).
+Both live as long as the job and ask for what its config's `cluster` section says (actors.resources). On
+CPUs they coexist: training workers reserve their CPUs, and hosts reserve none (they work only while the
+training workers wait). When both ask for GPUs they take turns: the hosts are stopped before a training
+stage and training workers before hosts start (the next stage that needs them starts them again).
 """
 
 from __future__ import annotations
@@ -15,30 +15,28 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import ray
 
 import pyarrow as pa
 
 from actors.model_host import HostPool, HostRef
+from actors.resources import ClusterConfig
 from actors.stages import generate_responses
 from actors.trainer import TrainingWorkers
 from w2s.modeling import ModelSpec
 
 
 class Workers:
-    """`max_hosts`: model hosts at most (a process each; a whole GPU each on a GPU cluster): a stage that
-    needs more models streams them through the hosts (`generate`)."""
+    """`cluster.max_hosts`: model hosts at most (a process each): a stage that needs more models streams them
+    through the hosts (`generate`)."""
 
-    def __init__(self, train_storage: str | Path, max_hosts: int = 4, placement: str = "PACK"):
-        self.hosts = HostPool(max_hosts, placement)
-        self.trainers = TrainingWorkers(train_storage)
-
-    def _on_gpus(self) -> bool:
-        return ray.cluster_resources().get("GPU", 0) > 0
+    def __init__(self, train_storage: str | Path, cluster: ClusterConfig = ClusterConfig()):
+        self.hosts = HostPool(cluster.max_hosts, cluster.placement, cluster.hosts, cluster.wait_s)
+        self.trainers = TrainingWorkers(train_storage, cluster.train, cluster.wait_s)
+        self.take_turns = cluster.hosts.gpus > 0 and cluster.train.use_gpu
 
     def host(self, models: dict[str, ModelSpec]) -> dict[str, HostRef]:
         """Hosts holding `models` (HostPool.hosts)."""
-        if self._on_gpus():
+        if self.take_turns:
             self.trainers.shutdown()
         return self.hosts.hosts(models)
 
@@ -60,7 +58,7 @@ class Workers:
 
     def train(self, *args, **kwargs) -> dict:
         """One training stage (TrainingWorkers.train)."""
-        if self._on_gpus():
+        if self.take_turns:
             self.hosts.shutdown()
         return self.trainers.train(*args, **kwargs)
 
@@ -76,10 +74,10 @@ class Workers:
 
 
 @contextlib.contextmanager
-def job_workers(workers: Workers | None, train_storage: str | Path, **kwargs):
-    """`workers` when a caller shares its own; otherwise new ones, shut down on exit."""
+def job_workers(workers: Workers | None, train_storage: str | Path, cluster: ClusterConfig):
+    """`workers` when a caller shares its own; otherwise new ones asking for `cluster`, shut down on exit."""
     if workers is not None:
         yield workers
         return
-    with Workers(train_storage, **kwargs) as own:
+    with Workers(train_storage, cluster) as own:
         yield own

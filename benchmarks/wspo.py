@@ -93,6 +93,7 @@ def make_inputs(work: Path, size: str) -> tuple[Path, dict[str, Path], int]:
 
     world, weak, strong = sizes()[size]
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in World(world).preference_pairs()]
+    work.mkdir(parents=True, exist_ok=True)
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     tokenizer = build_tokenizer()
@@ -189,11 +190,10 @@ def official_loop(loop_config: dict) -> None:
 
 def run_official(config: TrainConfig, models: dict[str, Path], data: Path, work: Path) -> dict:
     """The official-style loop in Ray Train workers placed as actors/trainer.py places its own."""
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = False  # the pipeline side's default (actors.resources.TrainResources): both train on CPUs
     trainer = TorchTrainer(
         official_loop,
         train_loop_config={"train": config.model_dump(), "models": {r: str(p) for r, p in models.items()},

@@ -79,6 +79,7 @@ def keep_log(run: RunDir):
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The project's own errors: bad config, data, model or run folder. A job reports them as one line."""
+    from actors.resources import ResourcesUnavailableError
     from actors.trainer import CheckpointMismatchError
     from pipelines.score import TokenizerMismatchError
     from w2s.data import PreferenceDataError
@@ -86,7 +87,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from w2s.runs import RunExistsError
 
     return (ConfigError, PreferenceDataError, ModelLoadError, TooLongError, TokenizerMismatchError, RunExistsError,
-            CheckpointMismatchError)
+            CheckpointMismatchError, ResourcesUnavailableError)
 
 
 def main(job: Callable[[], Any]) -> None:

@@ -34,7 +34,6 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,6 +42,7 @@ from pydantic import Field, model_validator
 
 from actors.stages import score_by_host
 from actors.trainer import TrainConfig
+from actors.resources import ClusterConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
                                   knowledge_transfer, plot_lines)
@@ -77,10 +77,9 @@ class MACPOConfig(StrictModel):
     score_batch_size: int = Field(64, ge=1)
     max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS for every stage; "
                                    "None: the models' positions")
-    worker_cpus: float = Field(1.0, gt=0, description="CPUs each training worker reserves (CPU clusters); "
-                               "below 1, a round's agents train side by side on a small machine")
-    placement: Literal["SPREAD", "PACK"] = Field("SPREAD", description="agents' model hosts across the nodes "
-                                                   "(SPREAD) or packed onto as few as possible")
+    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts and training workers ask "
+                                   "the cluster for (actors.resources): `train.cpus_per_worker` "
+                                   "below 1 trains a round's agents side by side on a small machine")
     seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds): each shifts every "
                              "`seed` of this config and of the prepare config")
 
@@ -110,7 +109,6 @@ class Stages:
         self.cache = Cache(run.path / "stages")  # stage folders by name: one run has one of each
         self.storage = (run.path / "ray_train").resolve()  # checkpoints of a killed training stage
         self.cache.root.mkdir(parents=True, exist_ok=True)
-        self.worker_cpus = config.worker_cpus
         self.max_length = max_length
         self.workers = workers
 
@@ -132,7 +130,7 @@ class Stages:
             def build(path: Path) -> None:
                 pq.write_table(table, path / "data.parquet")
                 summary = self.workers.train(config, init_model, path / "data.parquet", path / "model", name,
-                                             self.storage, self.max_length, cpus_per_worker=self.worker_cpus)
+                                             self.storage, self.max_length)
                 (path / "train_summary.json").write_text(json.dumps(summary))
 
             return self.run(name, build) / "model"
@@ -144,7 +142,7 @@ class Stages:
     def placement(self) -> dict[str, list[str]]:
         """Node ids each stage ran on: model hosts (placement.json) and training workers."""
         out = {}
-        for path in sorted(self.cache.root.iterdir()):
+        for path in sorted(p for p in self.cache.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             nodes = set()
             if (path / "placement.json").is_file():
                 nodes |= {h["node_id"] for h in json.loads((path / "placement.json").read_text())}
@@ -169,8 +167,8 @@ def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0, workers: Workers 
     prepare_config = load_prepare(config.prepare, config.cache_dir, seed)
     max_length = _max_length(config, prepare_config)
     # the hosts hold every positive agent at once to score each one's DPO reference
-    with job_workers(workers, run.path / "ray_train", placement=config.placement,
-                     max_hosts=max(4, len(config.teachers) + 1)) as workers:
+    cluster = config.cluster.model_copy(update={"max_hosts": max(config.cluster.max_hosts, len(config.teachers) + 1)})
+    with job_workers(workers, run.path / "ray_train", cluster) as workers:
         stages = Stages(run, config, max_length, workers)
         run.claim(prepare_config, "prepare.yaml")  # the prepare file can change between a kill and a rerun
         prepared = prepare(prepare_config, workers=workers)
@@ -349,7 +347,7 @@ def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[st
     gen = workers.generate(prompts, _specs(agents), **config.generation.model_dump()).to_pylist()
     # the student's likelihood of the teachers' answers, and each positive agent's as the DPO reference
     hosts = workers.host(_specs({agent: agents[agent] for agent in ["student", *teachers]}))
-    (path / "placement.json").write_text(json.dumps(workers.hosts.where()))
+    (path / "placement.json").write_text(json.dumps(workers.hosts.where(hosts)))
     # the student's likelihood of each teacher's positive response picks its chosen one
     candidates = pa.Table.from_pylist([{"prompt": row["prompt"], "response": row[f"{t}_response"],
                                         "host": "student", "teacher": t, "i": i}

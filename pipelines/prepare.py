@@ -22,6 +22,7 @@ from pydantic import Field
 
 from actors.stages import score_preferences
 from actors.trainer import TrainConfig
+from actors.resources import ClusterConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
 from w2s.config import StrictModel, load_config, offset_seeds
@@ -53,6 +54,9 @@ class PrepareConfig(StrictModel):
     generation: GenerationConfig = GenerationConfig()
     seeds: list[int] = Field([0], min_length=1, description="run seeds: each shifts every `seed` of the config "
                              "(jobs.common.run_seeds); several give the mean and spread")
+    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts and training workers ask "
+                                   "the cluster for (actors.resources); a method job that prepares "
+                                   "the world uses its own")
 
 
 # What the embedded world must show on its held-out prompts, checked on every run (the numbers are
@@ -132,7 +136,7 @@ def prepare(config: PrepareConfig, run: RunDir | None = None, workers: Workers |
     if run is not None:
         run.link("data", data)  # corpus, gold pairs and held-out prompts of this world
 
-    with job_workers(workers, storage) as workers:
+    with job_workers(workers, storage, config.cluster) as workers:
         models = _build_models(config, cache, world, world_key, data, max_length, workers, run)
         if run is not None:
             evaluate(config, world, data / "eval_prompts.parquet", models, run, workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from actors.stages import score_preferences
+from actors.resources import ClusterConfig
 from actors.workers import Workers, job_workers
 from w2s.config import StrictModel
 from w2s.modeling import ModelSpec, load_tokenizer, model_positions, resolve_max_length, same_tokenization
@@ -31,6 +32,8 @@ class ScoreConfig(StrictModel):
     max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS: longer rows are set "
                                    "aside; None: the models' positions")
     require_same_tokenizer: bool = True
+    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts and training workers ask "
+                                   "the cluster for (actors.resources)")
 
 
 def check_same_tokenizer(models: dict[str, ModelSpec]) -> None:
@@ -50,7 +53,7 @@ def score(config: ScoreConfig, run: RunDir, workers: Workers | None = None) -> d
         check_same_tokenizer(config.models)
     max_length = resolve_max_length(config.max_length, {role: model_positions(spec.path)
                                                         for role, spec in config.models.items()})
-    with job_workers(workers, run.path / "ray_train") as workers:
+    with job_workers(workers, run.path / "ray_train", config.cluster) as workers:
         first = next(iter(config.models.values())).path
         result = score_preferences(config.data, workers.host(config.models), run.path / "examples",
                                    tokenizer_path=first, max_length=max_length, batch_size=config.batch_size)

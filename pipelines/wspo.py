@@ -6,7 +6,8 @@
                      policy with its adapter disabled, so the strong model is not scored here)
                   -> per gamma: DeepSpeed ZeRO-3 Ray Train workers regress the strong policy's per-token
                      log-ratio onto the weak one / gamma, with only the policy resident
-                  -> embedded world: gold reward, PGR and the gamma sweep in metrics.json + report.md
+                  -> embedded world: gold reward, PGR and the gamma sweep in metrics.json + report.md;
+                     your own models: with an `evaluate:` section, your judges (pipelines.judge)
 
 Scores and trained models are cached by content hash, so the sweep scores once and a rerun trains nothing.
 """
@@ -25,9 +26,11 @@ from pydantic import Field, model_validator
 
 from actors.stages import score_preferences
 from actors.trainer import TrainConfig
+from actors.resources import ClusterConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, examples_table, gold_evaluate, knowledge_transfer, plot_lines,
                                   plot_scores)
+from pipelines.judge import Judging, check_judging, judge_models
 from pipelines.prepare import load_prepare, prepare
 from pipelines.score import check_same_tokenizer
 from w2s.config import StrictModel, offset_seeds
@@ -58,7 +61,14 @@ class WSPOConfig(StrictModel):
                                    "aside before scoring; None: the models' positions")
     gamma_sweep: list[float] = Field([0.05, 0.1, 0.2, 0.5], description="more gammas to train and compare")
     score_batch_size: int = Field(64, ge=1)
+    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts and training workers ask "
+                                   "the cluster for (actors.resources)")
     generation: GenerationConfig = GenerationConfig()
+    # left out of config.yaml when None, so that a run folder written before this section existed continues
+    evaluate: Judging | None = Field(None, exclude_if=lambda section: section is None,
+                                     description="your own models (prepare: null): judge the weak aligned "
+                                     "model, the strong base and every WSPO model on these prompts at the end "
+                                     "(pipelines.judge); the embedded world has its gold reward instead")
     seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds): each shifts every "
                              "`seed` of this config and of the prepare config")
 
@@ -74,6 +84,14 @@ class WSPOConfig(StrictModel):
             raise ValueError("`data` applies to your own `models`; the embedded world brings its gold pairs")
         if any(g <= 0 for g in self.gamma_sweep):
             raise ValueError(f"gamma_sweep: every gamma must be > 0, got {self.gamma_sweep}")
+        if self.evaluate is not None:
+            if self.prepare is not None:
+                raise ValueError("`evaluate` judges your own models (prepare: null); the embedded world is judged "
+                                 "by its gold reward")
+            judged = ["weak_aligned", "strong_base", *map(_name, self.gammas())]
+            if self.evaluate.reference not in judged:
+                raise ValueError(f"evaluate.reference {self.evaluate.reference!r} is not one of the judged models "
+                                 f"({', '.join(judged)})")
         return self
 
     def gammas(self) -> list[float]:
@@ -122,7 +140,7 @@ def run_wspo(config: WSPOConfig, run: RunDir, seed: int = 0, workers: Workers | 
     start = time.perf_counter()
     config = offset_seeds(config, seed)
     run.claim(config)
-    with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train") as workers:
+    with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
         return _run_wspo(config, run, seed, workers, start)
 
 
@@ -144,6 +162,8 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
     # cannot take, before scoring.
     check_same_tokenizer(models)
     max_length = resolve_max_length(config.max_length, {role: model_positions(s.path) for role, s in models.items()})
+    if config.evaluate is not None:  # wrong judges are refused before anything is scored or trained
+        check_judging(_judged(models, {}), config.evaluate, config.generation)
     fingerprints = {role: weights_fingerprint(spec.path) for role, spec in models.items()}
 
     cache = Cache(config.cache_dir)
@@ -173,12 +193,7 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
                "train_seconds": {str(g): round(s["seconds"], 1) for g, s in summaries.items()},
                "train_data_use": {str(g): s["data"] for g, s in summaries.items()}}  # rows fed, repeated, unused
     if prepared is None:
-        metrics = run.update_metrics({"methods": {"wspo": section}})
-        run.write_report("WSPO", [f"Trained the strong model with WSPO on {data} ({section['train_rows']} "
-                                  f"{config.responses} responses). No gold reward exists for your own data: evaluate "
-                                  "the checkpoints in `checkpoints/` with your own judge.",
-                                  markdown_table([{"gamma": g, "model": str(p)} for g, p in trained.items()])])
-        return metrics
+        return _own_models_report(config, data, models, trained, section, run, workers)
     metrics = _evaluate(config, prepared, trained, summaries, section, run, workers)
     run.update_metrics({"wall_seconds": {"wspo": round(time.perf_counter() - start, 1)}})
     return metrics
@@ -211,6 +226,31 @@ def _train_gammas(config: WSPOConfig, workers: Workers, strong: str, train_data:
 
 def _name(gamma: float) -> str:
     return f"wspo_gamma_{gamma}"
+
+
+def _judged(models: dict[str, ModelSpec], trained: dict[float, Path]) -> dict[str, ModelSpec]:
+    """What an `evaluate:` section judges: the weak aligned model, the strong base and every WSPO model."""
+    return {"weak_aligned": models["weak_aligned"], "strong_base": models["strong"],
+            **{_name(g): ModelSpec(path=str(path)) for g, path in trained.items()}}
+
+
+def _own_models_report(config: WSPOConfig, data: str, models: dict[str, ModelSpec], trained: dict[float, Path],
+                       section: dict, run: RunDir, workers: Workers) -> dict:
+    """metrics.json and report.md of WSPO on your own models: what was trained and, with `evaluate:`, the judges'
+    verdicts."""
+    report = [f"Trained the strong model with WSPO on {data} ({section['train_rows']} {config.responses} responses).",
+              markdown_table([{"gamma": g, "model": str(p)} for g, p in trained.items()])]
+    update = {"methods": {"wspo": section}}
+    if config.evaluate is None:
+        report[0] += (" No gold reward exists for your own data: judge the checkpoints in `checkpoints/` with your "
+                      "own judges (an `evaluate:` section, or `python -m jobs.evaluate`).")
+    else:
+        judged, sections = judge_models(_judged(models, trained), config.evaluate, config.generation, run, workers)
+        update.update(judged)
+        report += [f"Judged against `{config.evaluate.reference}` (`evaluate:`, pipelines.judge):", *sections]
+    metrics = run.update_metrics(update)
+    run.write_report("WSPO", report)
+    return metrics
 
 
 def _evaluate(config: WSPOConfig, prepared, trained: dict[float, Path], summaries: dict[float, dict], section: dict,

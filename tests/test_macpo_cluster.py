@@ -1,15 +1,21 @@
-"""MACPO end to end on a two-node Ray cluster started on this machine (ray.cluster_utils):
+"""MACPO end to end on multi-node Ray clusters started on this machine with Ray's own tools:
 
-- an uninterrupted run, whose stages must have used both nodes;
-- a run killed for real twice, the driver during the student's initialisation (after its first
-  checkpoint) and one training worker during a round, then the same command is run again: it must
-  skip the finished stages, resume the killed one from its checkpoint, and end with the same numbers.
+- an uninterrupted run submitted with `ray job submit` to an autoscaling cluster (Ray's fake multi-node
+  provider, tests/ray_heads.py): the head has no room for the job's workers, and two worker node types
+  scale from zero, one for model hosts and one for training workers (custom resources stand in for the GPUs
+  of cluster.yaml's node types). The autoscaler must add nodes of both types, the stages must run on them,
+  and the idle nodes must be removed after the job;
+- a run killed for real twice on a fixed two-node cluster (ray.cluster_utils.Cluster), the driver during the
+  student's initialisation (after its first checkpoint) and one training worker during a round, then the
+  same command is run again: it must skip the finished stages, resume the killed one from its checkpoint,
+  and end with the same numbers as the autoscaled run.
 Both runs share the tests' cache of the tiny world, so it is prepared once; the killed run starts with the
 uninterrupted run's finished teacher stages.
 """
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,15 +26,20 @@ import psutil
 import pytest
 
 from conftest import ROOT, job_env
+from ray_heads import RAY, local_head, run
 
 JOB = [sys.executable, str(ROOT / "tests/scripts/two_node_job.py"), "jobs.macpo", "--config", "configs/tiny_macpo.yaml"]
 
 
-def _command(root: Path, cache: Path, name: str, *extra: str) -> list[str]:
+def _overrides(root: Path, cache: Path, name: str) -> list[str]:
     # One round, and a student SFT long enough (12 steps, a checkpoint after each) to be killed half-way.
     student_sft = "{mode: sft, lr: 1.0e-3, epochs: 3, batch_size: 8, num_workers: 2, checkpoint_every: 1}"
-    return [*JOB, "--set", f"run_name={name}", "--set", f"runs_dir={root / 'runs'}", "--set", f"cache_dir={cache}",
-            "--set", "rounds=1", "--set", f"student_sft={student_sft}", *extra]
+    return ["--set", f"run_name={name}", "--set", f"runs_dir={root / 'runs'}", "--set", f"cache_dir={cache}",
+            "--set", "rounds=1", "--set", f"student_sft={student_sft}"]
+
+
+def _command(root: Path, cache: Path, name: str) -> list[str]:
+    return [*JOB, *_overrides(root, cache, name)]
 
 
 def _start(command: list[str], log: Path, checkpoint_pause: float = 0) -> subprocess.Popen:
@@ -70,11 +81,64 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("macpo_cluster")
 
 
+# Worker node types of the autoscaling cluster, like cluster.yaml's GPU types: `host_slot` and `train_slot`
+# stand in for their GPUs, one model host or one training worker per node.
+NODE_TYPES = {"host_node": {"resources": {"CPU": 1, "host_slot": 1}, "max_workers": 4},
+              "train_node": {"resources": {"CPU": 1, "train_slot": 1}, "max_workers": 2}}
+ASKS = ["--set", "cluster.hosts.resources={host_slot: 1}", "--set", "cluster.train.resources={train_slot: 1}"]
+
+
+def _alive_nodes(head) -> list[dict]:
+    out = run([RAY, "list", "nodes", f"--address={head.url}", "--filter", "state=ALIVE", "--format", "json"],
+              head.env, 60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def _events(log: str) -> list[str]:
+    """The autoscaler's own account: `Adding 2 node(s) of type train_node.`, `Removing ... (idle).`"""
+    return [line.split(":event_summary:")[1] for line in log.splitlines()
+            if ":event_summary:" in line and ("Adding" in line or "Removing" in line)]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(work, tiny_cache):
-    log = work / "uninterrupted.log"
-    _finish(_start(_command(work, tiny_cache, "uninterrupted"), log), log)
-    return work / "runs" / "uninterrupted"
+def autoscaled(work, tiny_cache):
+    """The uninterrupted run, submitted to the autoscaling cluster: (run folder, autoscaler events, nodes
+    alive at the end)."""
+    with local_head(work / "home", num_cpus=0, node_types=NODE_TYPES) as head:
+        # No --working-dir here (users pass one): the fake provider's nodes share one session folder, and each
+        # node unpacking the job's package into it would delete the one another node's workers run in.
+        job = shlex.join(["python", "-m", "jobs.macpo", "--config", "configs/tiny_macpo.yaml",
+                          *_overrides(work, tiny_cache, "uninterrupted"), *ASKS])
+        submit = [RAY, "job", "submit", f"--address={head.url}",
+                  "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}}), "--", "bash", "-c",
+                  f"cd {ROOT} && {job}"]
+        done = run(submit, head.env, 1400)
+        (work / "uninterrupted.log").write_text(done.stdout + done.stderr)
+        assert done.returncode == 0 and "succeeded" in done.stdout, (done.stdout + done.stderr)[-5000:]
+        deadline = time.time() + 120  # idle nodes go after the config's idle timeout (15 s)
+        while len(alive := _alive_nodes(head)) > 1 and time.time() < deadline:
+            time.sleep(3)
+        events = _events(head.autoscaler_log())
+    (work / "autoscaler_events.txt").write_text("\n".join(events))
+    return work / "runs" / "uninterrupted", events, alive
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(autoscaled):
+    return autoscaled[0]
+
+
+def test_autoscaler_starts_nodes_for_hosts_and_training_and_removes_them(autoscaled):
+    run_folder, events, alive = autoscaled
+    for node_type in NODE_TYPES:
+        assert any(e.startswith("Adding") and f"of type {node_type}" in e for e in events), events
+        assert any(e.startswith("Removing") and f"of type {node_type} (idle)" in e for e in events), events
+    assert len(alive) == 1 and alive[0]["is_head_node"], alive  # every worker node removed once idle
+    # every stage ran on nodes the autoscaler started (the fake provider's node ids), never on the head
+    nodes = json.loads((run_folder / "metrics.json").read_text())["methods"]["macpo"]["stage_nodes"]
+    used = {node for stage in nodes.values() for node in stage}
+    assert used and alive[0]["node_id"] not in used, nodes
 
 
 def test_macpo_runs_across_two_nodes(uninterrupted):
@@ -86,9 +150,10 @@ def test_macpo_runs_across_two_nodes(uninterrupted):
     assert "pgr" in metrics["methods"]["naive_sft"]
 
     nodes = metrics["methods"]["macpo"]["stage_nodes"]
-    # the agents' model hosts are spread over both nodes...
-    assert len(nodes["weak_labels"]) == 2 and len(nodes["round1_pairs"]) == 2, nodes
-    # ...and so is every training stage: its 2 ZeRO-3 workers need the one CPU of each node
+    # every model host on a node of its own (a host node has one host_slot): the 4 weak-label generators, and
+    # the round's student and 2 teachers...
+    assert len(nodes["weak_labels"]) == 4 and len(nodes["round1_pairs"]) == 3, nodes
+    # ...and every training stage on two nodes: its 2 ZeRO-3 workers need the one train_slot of each
     # (a round-1 agent whose pairs were all set aside as chosen == rejected has no stage: tiny models)
     training = [stage for stage in nodes if stage.startswith(("init_", "round1_")) and stage != "round1_pairs"]
     assert {"init_weak_a", "init_weak_a_negative", "init_weak_b", "init_weak_b_negative", "init_student",

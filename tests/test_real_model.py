@@ -109,3 +109,27 @@ def test_wspo_trains_smollm2_from_your_chat_data_and_weak_llama_models(workers, 
     assert loss(after) < 0.9 * loss(before) and ratio > 0, (loss(before), loss(after), ratio)
     (answer,) = generate(model, tokenizer, prompts[:1], max_new_tokens=16, max_length=256)
     assert answer and "<|im_end|>" not in answer
+
+
+def test_score_job_scores_chat_pairs_with_smollm2_and_weak_llama_models(workers, chat_models, tmp_path):
+    """`jobs.score` on real formats: every model scores every token of both responses (one shared tokenizer,
+    so the per-token lists line up), and the weak aligned model, SFT-ed on the right answers, prefers them
+    over the wrong ones relative to the weak base."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipelines.score import ScoreConfig, score
+    from w2s.runs import RunDir
+
+    config = ScoreConfig(data=str(chat_models.data), runs_dir=str(tmp_path / "runs"),
+                         models={"weak_aligned": ModelSpec(path=str(chat_models.weak_aligned)),
+                                 "weak_base": ModelSpec(path=str(chat_models.weak_base)),
+                                 "strong": ModelSpec(path=str(chat_models.strong))})
+    metrics = score(config, RunDir(config.runs_dir, config.run_name), workers=workers)
+    assert metrics["scoring"]["scored_rows"] == 16 and metrics["scoring"]["set_aside_rows"] == 0
+    rows = pq.read_table(tmp_path / "runs" / "score" / "examples" / "scored.parquet").to_pylist()
+    for side in ("chosen", "rejected"):  # the same number of tokens (the answer and <|im_end|>) under every model
+        assert all(len({len(r[f"{role}_{side}_logps"]) for role in config.models}) == 1 for r in rows), side
+    margin = [sum(r["weak_aligned_chosen_logps"]) - sum(r["weak_base_chosen_logps"])
+              - sum(r["weak_aligned_rejected_logps"]) + sum(r["weak_base_rejected_logps"]) for r in rows]
+    assert np.mean(np.array(margin) > 0) >= 0.75, margin

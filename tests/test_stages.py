@@ -35,6 +35,19 @@ def hosts(pool, checkpoints):
     return pool.hosts({"weak": ModelSpec(path=str(checkpoints["weak"])), "strong": ModelSpec(path=str(checkpoints["strong"]))})
 
 
+def test_hosts_the_cluster_cannot_give_fail_with_a_clear_error(ray_local, checkpoints):
+    from actors.resources import HostResources, ResourcesUnavailableError
+
+    pool = HostPool(max_hosts=2, resources=HostResources(gpus=1), wait_s=2)  # no GPU on this cluster
+    with pytest.raises(ResourcesUnavailableError, match=r"model hosts: 1 x \{'GPU': 1.0\} asked for, not provided "
+                       r"within 2s \(cluster.wait_s\); the cluster has \{.*'CPU': 4.0"):
+        pool.hosts({"weak": ModelSpec(path=str(checkpoints["weak"]))})
+    from ray.util.state import list_actors
+
+    pending = list_actors(filters=[("class_name", "=", "ModelHost"), ("state", "=", "PENDING_CREATION")])
+    assert pending == []  # the waiting host is gone, not left asking the autoscaler for a GPU
+
+
 def _pids(hosts) -> dict:
     import ray
 

@@ -43,11 +43,13 @@ def _margins(model_path, data: Path) -> list[float]:
 
 def test_dpo_with_sft_term_on_two_zero3_workers(workers, checkpoints, tmp_path):
     data = _scored_pairs(checkpoints["weak"], tmp_path / "pairs.parquet")
-    config = TrainConfig(mode="dpo", beta=0.1, sft_weight=0.2, lr=1e-2, epochs=4, batch_size=8, num_workers=2,
-                         checkpoint_every=5, log_every=5)
+    # micro-batches of 4 rows, 2 per optimizer step: each step still trains 2 workers x 8 rows
+    config = TrainConfig(mode="dpo", beta=0.1, sft_weight=0.2, lr=1e-2, epochs=4, batch_size=4,
+                         gradient_accumulation_steps=2, num_workers=2, checkpoint_every=5, log_every=5)
     summary = workers.train(config, checkpoints["weak"], data, tmp_path / "aligned", "dpo-test", tmp_path / "storage",
                             96, tensorboard_dir=tmp_path / "tb", reference="base")
     assert summary["world_size"] == 2 and summary["steps"] == 4 * (48 // 16)
+    assert summary["optimizer_steps"] == summary["steps"]  # DeepSpeed stepped once per 2 micro-batches
     assert summary["torch_threads"] == 1  # one reserved CPU per worker: one thread, on any machine
     assert (tmp_path / "aligned" / "model.safetensors").is_file()  # gathered from the ZeRO-3 shards
     assert (tmp_path / "aligned" / ".trained_by_w2s").is_file()
@@ -79,6 +81,10 @@ def test_every_row_is_trained_on_each_epoch_and_the_repeats_are_counted():
         assert len(fed) - len(set(fed)) * (1 if epochs < 1 else int(epochs)) == use["rows_repeated"]
         if epochs >= 1:
             assert set(fed) == set(range(250))  # nothing left out
+    # with gradient accumulation a step's rows are its micro-batches': still every row once an epoch
+    config = TrainConfig(mode="sft", epochs=1.0, batch_size=4, gradient_accumulation_steps=3, num_workers=2)
+    steps = [sorted(i for rank in range(2) for i in list(_batches(250, config, rank, 2))[s][2]) for s in range(11)]
+    assert [len(set(rows)) for rows in steps] == [24] * 11 and set().union(*steps) == set(range(250))
     # a resumed stream goes on exactly where the uninterrupted one was
     config = TrainConfig(mode="sft", epochs=2.0, batch_size=8, num_workers=2)
     assert list(_batches(250, config, 1, 2, start_step=20)) == list(_batches(250, config, 1, 2))[20:]
@@ -122,3 +128,19 @@ def test_bad_inputs_fail_before_workers_start(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=r"my_models exists and was not written by train\(\)"):
         train(TrainConfig(mode="lm"), checkpoints["weak"], tmp_path / "x.parquet", mine, "n", tmp_path, 96)
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_workers_the_cluster_cannot_give_stop_the_stage_with_a_clear_error(ray_local, checkpoints, tmp_path):
+    """An autoscaling cluster that never starts the node type a config asks for: the stage waits `wait_s`,
+    then one message names what was asked for, instead of Ray Train waiting for ever."""
+    from actors.resources import ResourcesUnavailableError, TrainResources
+    from actors.trainer import TrainingWorkers
+
+    pq.write_table(pa.table({"text": ["a b c"] * 4}), tmp_path / "lm.parquet")
+    asks = TrainResources(accelerator_type="H100")
+    with TrainingWorkers(tmp_path / "storage", asks, wait_s=2) as workers:
+        with pytest.raises(ResourcesUnavailableError, match=r"training workers: 2 x \{'CPU': 1.0, "
+                           r"'accelerator_type:H100': 0.001\} asked for, not provided within 2s"):
+            workers.train(TrainConfig(mode="lm", num_workers=2), checkpoints["weak"], tmp_path / "lm.parquet",
+                          tmp_path / "out", "lm", tmp_path / "stages", 96)
+    assert not (tmp_path / "out").exists()

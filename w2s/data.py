@@ -23,6 +23,10 @@ Accepted records (TRL conventions):
 
 Extra fields are ignored. In every form, a text that is empty or only whitespace is an error, and so is
 a rejected response equal to the chosen one.
+
+Prompt files (what models are evaluated on, `check_prompts`) hold a `prompt` field: a string, used verbatim,
+or a list of chat messages that does not end with the assistant's, rendered for each model as above
+(`render_prompt`). A preference file is a prompt file too: its other fields are ignored.
 """
 
 from __future__ import annotations
@@ -342,6 +346,112 @@ def _render_reply(message: dict, tokenizer) -> str:
 def _kind(value: Any) -> str:
     names = {dict: "object", list: "list", str: "string", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------- prompts
+
+PROMPT_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()), ("prompt", pa.string()), ("chat", pa.bool_()),
+                           ("error_field", pa.string()), ("error", pa.string())])
+
+
+def check_prompts(batch: pa.Table, tokenizers: dict[str, Any], limits: dict[str, int] | None = None) -> pa.Table:
+    """RAW_SCHEMA rows of a prompt file -> PROMPT_SCHEMA rows, one out per row in: `prompt` is the plain text,
+    or the chat messages as JSON (`chat` true; `render_prompt` gives the text a model reads).
+
+    `tokenizers`: {name: tokenizer} of every model that will read the prompts: a chat prompt that one of them
+    cannot render, or whose content writes one of its control tokens, is set aside. `limits`: {name: most
+    prompt tokens} (e.g. its positions minus the tokens it must add): a longer prompt is set aside, the reason
+    naming the model. A bad row has empty `prompt`, and `error_field` / `error` set, as in check_batch.
+    """
+    from w2s.modeling import encode_prompts  # the tokenization generation and scoring use
+
+    out = {name: [] for name in PROMPT_SCHEMA.names}
+    for source, row, raw in zip(*(batch.column(name).to_pylist() for name in RAW_SCHEMA.names)):
+        try:
+            prompt, chat = _prompt_field(raw)
+            texts = {name: _rendered(prompt, chat, tokenizer) for name, tokenizer in tokenizers.items()}
+            for name, limit in (limits or {}).items():
+                n = len(encode_prompts(tokenizers[name], [texts[name]])[0])
+                if n > limit:
+                    raise _Bad("prompt", f"too long for {name}: {n} tokens, more than the {limit} that leave it "
+                                         "room for the response")
+            values = (json.dumps(prompt, ensure_ascii=False) if chat else prompt, chat, "", "")
+        except _Bad as bad:
+            values = ("", False, bad.field, str(bad))
+        for name, value in zip(PROMPT_SCHEMA.names, (source, row, *values)):
+            out[name].append(value)
+    return pa.table(out, schema=PROMPT_SCHEMA)
+
+
+def _prompt_field(raw: str | None) -> tuple[str | list[dict], bool]:
+    """(the record's prompt: its text, or its messages; whether it is chat) or raise _Bad."""
+    if raw is None:
+        raise _Bad(ROW, "not UTF-8 text")
+    try:
+        record = json.loads(raw)
+    except (TypeError, ValueError) as err:
+        raise _Bad(ROW, f"not valid JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise _Bad(ROW, f"expected a JSON object, got {_kind(record)}")
+    if isinstance(record.get("prompt"), list):
+        messages = _messages(record, "prompt")
+        if messages[-1]["role"] == "assistant":
+            raise _Bad(f"prompt[{len(messages) - 1}].role", "the last message is the assistant's: a prompt ends "
+                                                            "before the turn the models answer")
+        if not any(m["content"].strip() for m in messages):
+            raise _Bad("prompt", "empty text")
+        return messages, True
+    prompt = _field(record, "prompt", str, "a string or a list of messages")
+    if not prompt.strip():
+        raise _Bad("prompt", "empty text")
+    return prompt, False
+
+
+def _rendered(prompt: str | list[dict], chat: bool, tokenizer) -> str:
+    if not chat:
+        return prompt
+    _no_control_text(prompt, "prompt", tokenizer)
+    return _render_prompt(prompt, tokenizer)
+
+
+def render_prompt(prompt: str, chat: bool, tokenizer) -> str:
+    """The text a model with `tokenizer` reads for a checked prompt (check_prompts): a plain prompt verbatim,
+    chat messages rendered by its chat template (or as `role: content` lines without one)."""
+    return render_chat(json.loads(prompt), tokenizer) if chat else prompt
+
+
+def render_chat(messages: list[dict], tokenizer) -> str:
+    """Chat messages as the prompt a model with `tokenizer` answers (the rendering of chat-format rows)."""
+    try:
+        return _render_prompt(messages, tokenizer)
+    except _Bad as bad:
+        raise PreferenceDataError(str(bad)) from None
+
+
+def conversation_text(prompt: str, chat: bool) -> str:
+    """A checked prompt as plain text for a judge to read: the user's message alone when it is the whole
+    prompt, else the conversation as `role: content` lines (system messages included)."""
+    if not chat:
+        return prompt
+    messages = json.loads(prompt)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def render_reply(text: str, tokenizer) -> str:
+    """An assistant reply as it follows a rendered chat prompt: its content after a chat template, `" " + content`
+    after a plain `assistant:` line (the convention of chat-format preference rows)."""
+    return _render_reply({"content": text.strip()}, tokenizer)
+
+
+def load_prompts(path: str | Path, tokenizers: dict[str, Any], limits: dict[str, int] | None = None
+                 ) -> tuple[pa.Table, pa.Table]:
+    """(good prompts: source, row, prompt, chat; bad rows: source, row, error_field, error) of a prompt file."""
+    checked = pa.concat_tables(check_prompts(raw, tokenizers, limits) for raw in iter_raw(path))
+    ok = pc.equal(checked["error"], "")
+    return (checked.filter(ok).select(["source", "row", "prompt", "chat"]),
+            checked.filter(pc.invert(ok)).select(REJECTED_SCHEMA.names))
 
 
 # ---------------------------------------------------------------- results

@@ -71,3 +71,26 @@ def over_seeds(runs: list) -> object:
     if numbers and len(numbers) + sum(r is None for r in runs) == len(runs):
         return {**mean_and_spread([float(v) for v in numbers]), "n": len(numbers)}
     return first if all(r == first for r in runs) else None
+
+
+def verdict_by_reward(reward: float, reference: float, tie_margin: float) -> str:
+    """"win" / "tie" / "lose" of one response against the reference's to the same prompt: a tie when the two
+    rewards are within `tie_margin` of each other."""
+    if reward > reference + tie_margin:
+        return "win"
+    return "lose" if reward < reference - tie_margin else "tie"
+
+
+def pairwise_verdict(model_as_a: float, model_as_b: float) -> str:
+    """A pairwise judge's verdict from both orders, which cancels its position bias. Each argument is the judge's
+    log p("A") - log p("B") in one order: the model's response shown as A (and the reference's as B), then the
+    other way round. "win" when both orders prefer the model (> 0, then < 0), "lose" when both prefer the
+    reference, "tie" otherwise: a judge that picks the same position whatever the responses says nothing."""
+    if model_as_a > 0 and model_as_b < 0:
+        return "win"
+    return "lose" if model_as_a < 0 and model_as_b > 0 else "tie"
+
+
+def verdict_shares(verdicts: list[str]) -> dict[str, float]:
+    """{win, tie, lose}: the share of each verdict."""
+    return {v: sum(x == v for x in verdicts) / len(verdicts) for v in ("win", "tie", "lose")}

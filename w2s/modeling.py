@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -27,6 +28,12 @@ class ModelSpec(StrictModel):
     path: str
     dtype: str = "float32"  # float32 on CPU (bf16 matmuls are hundreds of times slower there); bfloat16 on GPUs
     trust_remote_code: bool = False
+    # left out of dumps when it is the default, so that configs and run folders written before judges existed
+    # (every model then a causal LM) read the same
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", exclude_if=lambda task: task == "causal_lm",
+        description="causal_lm: a model that generates and is scored per token; sequence_classification: a reward "
+                    "(or cost) model, one number per prompt + response (set by the judge's role)")
 
 
 class GPTSize(StrictModel):
@@ -74,16 +81,46 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu"):
-    """Load a causal LM and its tokenizer from a local folder (transformers Auto classes, safetensors)."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM (or, for `task: sequence_classification`, a reward model) and its tokenizer from a local
+    folder (transformers Auto classes, safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    check_model_path(spec.path)
+    check_model_task(spec.path, spec.task)
     tokenizer = load_tokenizer(spec.path, spec.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = AutoModelForSequenceClassification if spec.task == "sequence_classification" else AutoModelForCausalLM
+    model = auto.from_pretrained(
         spec.path, dtype=getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code, use_safetensors=True
     )
     model.to(device).eval()
     return model, tokenizer
+
+
+def check_model_task(path: str | Path, task: str) -> Path:
+    """Fail fast, naming the folder and what its config.json says, when a checkpoint is not what its role needs:
+    a reward (or cost) model must be a `...ForSequenceClassification` with one label and a `pad_token_id` (a
+    batch is padded with it, and the score is read at the last token that is not padding, as a forward of the
+    row alone does); a model that generates must not be a sequence classifier."""
+    path = check_model_path(path)
+    config = json.loads((path / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if task == "causal_lm":
+        if classifier:
+            raise ModelLoadError(f"model path {path} holds a sequence classifier ({', '.join(architectures)}), "
+                                 "not a model that generates: give it as a judge (reward or cost)")
+        return path
+    if not classifier:
+        raise ModelLoadError(f"reward model {path}: expected an AutoModelForSequenceClassification checkpoint "
+                             f"with num_labels 1, found architectures {architectures or 'not given'}")
+    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
+    if labels != 1:
+        raise ModelLoadError(f"reward model {path}: expected num_labels 1 (one score per response), found "
+                             f"num_labels {labels}")
+    if config.get("pad_token_id") is None:
+        raise ModelLoadError(f"reward model {path}: config.json has no pad_token_id; a batch of rows is padded "
+                             "with it and the score read at the last token that is not padding: set it (e.g. to "
+                             "the tokenizer's pad token id)")
+    return path
 
 
 POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")  # what config.json calls the context size
@@ -272,6 +309,28 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
         logp = token_logprobs(model, batch).cpu()
         mask = batch.response_mask[:, 1:].bool()
         out += [row[m].numpy() for row, m in zip(logp, mask)]
+    return out
+
+
+@torch.no_grad()
+def sequence_rewards(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                     max_tokens: int = DEFAULT_TOKENS_PER_CALL) -> list[float]:
+    """One score per prompt + response (end of turn included, tokenized by pair_ids) from a sequence
+    classifier with one label, in forward passes of at most `max_tokens` padded tokens.
+
+    Rows are right-padded with the model's own `config.pad_token_id`: transformers reads the score at the
+    rightmost token that is not that id, so a padded row gives the score of the same row alone (its real
+    tokens keep their positions, and causal attention never looks at the padding after them). Where the pad
+    id is the end of turn too (SmolLM2's tokenizer pads with `<|im_end|>`), that is the last response token,
+    as for the row alone."""
+    pairs = pair_ids(tokenizer, prompts, responses)
+    pad = model.config.pad_token_id
+    out = []
+    device = next(model.parameters()).device
+    for run in token_budget_batches([len(p) + len(r) for p, r in pairs], max_tokens):
+        batch = pad_pairs([pairs[i] for i in run], pad, max_length)
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        out += logits[:, 0].float().cpu().tolist()
     return out
 
 

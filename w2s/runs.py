@@ -117,9 +117,13 @@ class RunDir:
 
     def claim(self, config: BaseModel, name: str = "config.yaml") -> None:
         """Record `config` as this run's (`name`: config.yaml, or another config the run depends on).
-        The same config again continues the run; another one is refused with RunExistsError."""
+        The same config again continues the run; another one is refused with RunExistsError. Its `cluster`
+        section (where the work runs, not what it makes) may differ: a run can move to another cluster."""
+        def what(dumped: dict) -> dict:
+            return {k: v for k, v in dumped.items() if k != "cluster"}
+
         file, wanted = self.path / name, config.model_dump(mode="json")
-        if file.is_file() and yaml.safe_load(file.read_text()) != wanted:
+        if file.is_file() and what(yaml.safe_load(file.read_text())) != what(wanted):
             raise RunExistsError(f"{self.path} holds a run of another config ({file} differs): pick another "
                                  "run_name, or add --overwrite to start this folder afresh")
         file.write_text(yaml.safe_dump(wanted, sort_keys=False))
