@@ -109,13 +109,14 @@ def run_pipeline(config: TrainConfig, models: dict[str, Path], data: Path, work:
     """Score once with the three frozen models on the job's hosts, then train with only the policy resident.
     `workers`: already started ones to share (the tests); None: this run starts and stops its own."""
     from actors.stages import score_preferences
+    from actors.resources import ClusterConfig
     from actors.workers import job_workers
     from pipelines.wspo import write_training_table
     from w2s.modeling import ModelSpec
 
     hosts = {"weak_aligned": models["weak_aligned"], "weak_base": models["weak_base"], "strong_ref": models["strong"]}
     start = time.perf_counter()
-    with job_workers(workers, work / "ray_train") as workers:
+    with job_workers(workers, work / "ray_train", ClusterConfig()) as workers:  # CPUs, as the official side
         refs = workers.host({role: ModelSpec(path=str(p)) for role, p in hosts.items()})
         hosts_start = time.perf_counter() - start  # actors started, models loaded
         scored = score_preferences(data, refs, work / "scores", tokenizer_path=str(models["strong"]),

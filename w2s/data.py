@@ -249,8 +249,8 @@ def _mark_too_long(out: dict[str, list], tokenizer, max_length: int) -> None:
                                         f"{max_length} leaves no room for the response")
 
 
-def _normalise(raw: str | None, tokenizer) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) text of one raw record, or raise _Bad."""
+def _record(raw: str | None) -> dict:
+    """One raw record as a JSON object, or raise _Bad."""
     if raw is None:
         raise _Bad(ROW, "not UTF-8 text")
     try:
@@ -259,6 +259,12 @@ def _normalise(raw: str | None, tokenizer) -> tuple[str, str, str]:
         raise _Bad(ROW, f"not valid JSON: {err}") from None
     if not isinstance(record, dict):
         raise _Bad(ROW, f"expected a JSON object, got {_kind(record)}")
+    return record
+
+
+def _normalise(raw: str | None, tokenizer) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) text of one raw record, or raise _Bad."""
+    record = _record(raw)
     if any(isinstance(record.get(field), list) for field in TEXT_FIELDS):
         texts = _conversational(record, tokenizer)
     else:
@@ -385,14 +391,7 @@ def check_prompts(batch: pa.Table, tokenizers: dict[str, Any], limits: dict[str,
 
 def _prompt_field(raw: str | None) -> tuple[str | list[dict], bool]:
     """(the record's prompt: its text, or its messages; whether it is chat) or raise _Bad."""
-    if raw is None:
-        raise _Bad(ROW, "not UTF-8 text")
-    try:
-        record = json.loads(raw)
-    except (TypeError, ValueError) as err:
-        raise _Bad(ROW, f"not valid JSON: {err}") from None
-    if not isinstance(record, dict):
-        raise _Bad(ROW, f"expected a JSON object, got {_kind(record)}")
+    record = _record(raw)
     if isinstance(record.get("prompt"), list):
         messages = _messages(record, "prompt")
         if messages[-1]["role"] == "assistant":
