@@ -133,14 +133,13 @@ class HostPool:
             raise ValueError(f"a stage needs {len(canonical)} models at once, more than the job's {self.max_hosts} "
                              "model hosts: raise max_hosts")
         placed = {key: i for i, h in self._held.items() for key in canonical if _key(h) == key}
-        started = []
+        running = len(self._actors)
         for key, model in canonical.items():
             if key not in placed:
                 free = [i for i in range(len(self._actors)) if i not in placed.values()]
                 placed[key] = free[0] if free else self._start()
-                started += [] if free else [placed[key]]
                 self._held[placed[key]] = model
-        self._wait_placed(started)
+        self._wait_placed(range(running, len(self._actors)))  # the hosts started just now
         # load everything at once (hosts work in parallel); a model that cannot load fails here
         ray.get([self._actors[placed[key]].load.remote(model) for key, model in canonical.items()])
         return {role: HostRef(self._actors[placed[_key(m)]], canonical[_key(m)]) for role, m in wanted.items()}
@@ -169,7 +168,7 @@ class HostPool:
         self._actors.append(actor)
         return len(self._actors) - 1
 
-    def _wait_placed(self, started: list[int]) -> None:
+    def _wait_placed(self, started: range) -> None:
         """New hosts placed and running (an autoscaler may start nodes for them first), or a clear error."""
         if not started:
             return

@@ -385,8 +385,8 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
                     writer.add_scalar(key, value, step)
         if (step + 1) % config.checkpoint_every == 0 and step < total - 1:
             _checkpoint(engine, folder, step, rank)
-    summary = {"steps": total_steps, "optimizer_steps": engine.global_steps, "tokens_per_worker": tokens, "seconds": time.perf_counter() - t0,
-               "world_size": world, "worker_nodes": nodes, "torch_threads": torch.get_num_threads(), "last": last,
+    summary = {"steps": total_steps, "optimizer_steps": engine.global_steps, "tokens_per_worker": tokens,
+               "seconds": time.perf_counter() - t0, "world_size": world, "worker_nodes": nodes, "torch_threads": torch.get_num_threads(), "last": last,
                "resumed_from_step": start_step, "fingerprint": stage["fingerprint"]}
     _save_final(engine, config, stage, tokenizer, rank, summary)
     if writer:

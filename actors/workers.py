@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-
 import pyarrow as pa
 
 from actors.model_host import HostPool, HostRef

@@ -16,7 +16,7 @@ from actors.workers import Workers
 from w2s.config import StrictModel
 from w2s.metrics import gold_scores
 from w2s.modeling import ModelSpec
-from w2s.runs import markdown_table
+from w2s.runs import markdown_cell, markdown_table
 from w2s.world import World
 
 
@@ -79,12 +79,9 @@ def knowledge_transfer(generations: pa.Table, model: str, weak: str = "weak_alig
 
 def examples_table(generations: pa.Table, models: list[str], n: int = 6) -> str:
     """The first `n` held-out prompts and every model's response, as a Markdown table."""
-    def one_line(text: str) -> str:  # a newline would end the Markdown table row
-        return text.strip().replace("\n", "\\n")
-
     rows = generations.slice(0, n).to_pylist()
-    return markdown_table([{"kind": r["kind"], "prompt": one_line(r["prompt"]),
-                            **{m: one_line(r[f"{m}_response"]) for m in models}} for r in rows])
+    return markdown_table([{"kind": r["kind"], "prompt": markdown_cell(r["prompt"]),
+                            **{m: markdown_cell(r[f"{m}_response"]) for m in models}} for r in rows])
 
 
 def plot_scores(scores: dict, path: Path, errors: dict | None = None) -> None:

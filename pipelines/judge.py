@@ -31,7 +31,7 @@ from w2s.data import (PreferenceDataError, conversation_text, format_rejections,
 from w2s.metrics import pairwise_verdict, verdict_by_reward, verdict_shares
 from w2s.modeling import (ModelLoadError, ModelSpec, TooLongError, check_model_task, encode, load_tokenizer,
                           model_positions, pair_ids)
-from w2s.runs import RunDir, markdown_table
+from w2s.runs import RunDir, markdown_cell, markdown_table
 
 # The pairwise judge's user turn, rendered by its own chat template. Its answer is never generated: the judge
 # prefers A when log p("A") > log p("B") as its reply (the letter's tokens, not the end of turn after it).
@@ -98,8 +98,7 @@ class EvaluateConfig(Judging):
     runs_dir: str = "runs"
     models: dict[str, ModelSpec] = Field(min_length=1, description="name -> checkpoint of every model to compare")
     generation: GenerationConfig = GenerationConfig()
-    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts ask the cluster for "
-                                   "(actors.resources)")
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -315,17 +314,14 @@ def _report(scores: dict, table: pa.Table, rejected: pa.Table, models: dict[str,
 
 def _examples(table: pa.Table, models: list[str], judging: Judging) -> list[str]:
     """The first `judging.examples` prompts, each with every model's response, scores and verdicts."""
-    def one_line(text) -> str:  # a newline would end the Markdown table row
-        return str(text).strip().replace("\n", "\\n").replace("|", "\\|")
-
     sections = []
     for row in table.slice(0, judging.examples).to_pylist():
         prompt = conversation_text(row["prompt"], row["chat"])
-        lines = [{"model": name, "response": one_line(row[f"{name}_response"]),
+        lines = [{"model": name, "response": markdown_cell(row[f"{name}_response"]),
                   **{role: row[f"{name}_{role}"] for role in ("reward", "cost") if f"{name}_{role}" in row},
                   "by reward": row[f"{name}_vs_reference"],
                   **({"pairwise": row[f"{name}_pairwise"]} if f"{name}_pairwise" in row else {})} for name in models]
-        sections.append(f"Example (row {row['row']}): {one_line(prompt)}\n\n{markdown_table(lines)}")
+        sections.append(f"Example (row {row['row']}): {markdown_cell(prompt)}\n\n{markdown_table(lines)}")
     return sections
 
 

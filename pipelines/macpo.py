@@ -40,9 +40,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
+from actors.resources import ClusterConfig
 from actors.stages import score_by_host
 from actors.trainer import TrainConfig
-from actors.resources import ClusterConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
                                   knowledge_transfer, plot_lines)
@@ -77,9 +77,7 @@ class MACPOConfig(StrictModel):
     score_batch_size: int = Field(64, ge=1)
     max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS for every stage; "
                                    "None: the models' positions")
-    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts and training workers ask "
-                                   "the cluster for (actors.resources): `train.cpus_per_worker` "
-                                   "below 1 trains a round's agents side by side on a small machine")
+    cluster: ClusterConfig = ClusterConfig()  # train.cpus_per_worker below 1: a round's agents side by side
     seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds): each shifts every "
                              "`seed` of this config and of the prepare config")
 

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from actors.resources import ClusterConfig
 from actors.stages import score_preferences
 from actors.trainer import TrainConfig
-from actors.resources import ClusterConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
 from w2s.config import StrictModel, load_config, offset_seeds
@@ -54,9 +54,7 @@ class PrepareConfig(StrictModel):
     generation: GenerationConfig = GenerationConfig()
     seeds: list[int] = Field([0], min_length=1, description="run seeds: each shifts every `seed` of the config "
                              "(jobs.common.run_seeds); several give the mean and spread")
-    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts and training workers ask "
-                                   "the cluster for (actors.resources); a method job that prepares "
-                                   "the world uses its own")
+    cluster: ClusterConfig = ClusterConfig()  # a method job that prepares the world uses its own
 
 
 # What the embedded world must show on its held-out prompts, checked on every run (the numbers are

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from actors.stages import score_preferences
 from actors.resources import ClusterConfig
+from actors.stages import score_preferences
 from actors.workers import Workers, job_workers
 from w2s.config import StrictModel
 from w2s.modeling import ModelSpec, load_tokenizer, model_positions, resolve_max_length, same_tokenization
@@ -32,8 +32,7 @@ class ScoreConfig(StrictModel):
     max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS: longer rows are set "
                                    "aside; None: the models' positions")
     require_same_tokenizer: bool = True
-    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts and training workers ask "
-                                   "the cluster for (actors.resources)")
+    cluster: ClusterConfig = ClusterConfig()
 
 
 def check_same_tokenizer(models: dict[str, ModelSpec]) -> None:

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
+from actors.resources import ClusterConfig
 from actors.stages import score_preferences
 from actors.trainer import TrainConfig
-from actors.resources import ClusterConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, examples_table, gold_evaluate, knowledge_transfer, plot_lines,
                                   plot_scores)
@@ -61,8 +61,7 @@ class WSPOConfig(StrictModel):
                                    "aside before scoring; None: the models' positions")
     gamma_sweep: list[float] = Field([0.05, 0.1, 0.2, 0.5], description="more gammas to train and compare")
     score_batch_size: int = Field(64, ge=1)
-    cluster: ClusterConfig = Field(ClusterConfig(), description="what its model hosts and training workers ask "
-                                   "the cluster for (actors.resources)")
+    cluster: ClusterConfig = ClusterConfig()
     generation: GenerationConfig = GenerationConfig()
     # left out of config.yaml when None, so that a run folder written before this section existed continues
     evaluate: Judging | None = Field(None, exclude_if=lambda section: section is None,

@@ -181,5 +181,10 @@ class RunDir:
         return path
 
 
+def markdown_cell(text) -> str:
+    """`text` on one line of a Markdown table: a newline or a `|` would end its row or cell."""
+    return str(text).strip().replace("\n", "\\n").replace("|", "\\|")
+
+
 def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
     return tabulate(rows, headers="keys", tablefmt="github", floatfmt=floatfmt)
