@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/prepare.yaml
 
-.PHONY: setup demo wspo real-model test bench clean
+.PHONY: setup demo wspo real-model test bench gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench: $(VENV)/.bench
 	$(PY) -m benchmarks.wspo
 	$(PY) -m benchmarks.trl_dpo
 	$(PY) -m benchmarks.scaling
+
+# The GPU path on one CUDA GPU, a few minutes (make setup on a GPU machine installs torch's CUDA build): tiny WSPO,
+# one MACPO round and SmolLM2 on the GPU; prints its checks and tokens/s, writes bench_results/gpu_smoke.json.
+gpu-smoke: setup
+	$(PY) -m benchmarks.gpu_smoke
 
 clean:
 	rm -rf $(VENV) .cache runs

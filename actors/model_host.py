@@ -87,7 +87,8 @@ class ModelHost:
     def where(self) -> dict:
         import torch
 
-        return {"model": self.held["path"] if self.held else None, "device": self.device, "pid": os.getpid(),
+        return {"model": self.held["path"] if self.held else None, "device": self.device,
+                "dtype": self.held["dtype"] if self.held else None, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads()}
 
 

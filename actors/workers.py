@@ -20,7 +20,7 @@ import pyarrow as pa
 from actors.model_host import HostPool, HostRef
 from actors.resources import ClusterConfig
 from actors.stages import generate_responses
-from actors.trainer import TrainingWorkers
+from actors.trainer import TrainConfig, TrainingWorkers
 from w2s.modeling import ModelSpec
 
 
@@ -60,6 +60,11 @@ class Workers:
         if self.take_turns:
             self.hosts.shutdown()
         return self.trainers.train(*args, **kwargs)
+
+    def train_dtype(self, config: TrainConfig) -> str:
+        """The dtype `config` trains in on these workers; its frozen reference is scored in it too, so that the
+        policy's log-ratio to it starts at zero."""
+        return config.compute_dtype(self.trainers.resources.use_gpu)
 
     def shutdown(self) -> None:
         self.hosts.shutdown()

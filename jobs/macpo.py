@@ -3,7 +3,8 @@
     python -m jobs.macpo [--config configs/macpo.yaml] [--set rounds=2 ...] [--set seeds=[0,1,2]] [--overwrite]
     ray job submit --working-dir . -- python -m jobs.macpo --config configs/macpo.yaml
 
-On the embedded world it reuses (or first builds) the models of `python -m jobs.prepare`.
+On the embedded world it reuses (or first builds) the models of `python -m jobs.prepare`; with `prepare: null`
+it runs on your own teachers, student and pairs (configs/macpo_own.yaml).
 A killed run continues when the same command is run again: finished stages are skipped, a training
 stage resumes from its last checkpoint.
 """
@@ -11,11 +12,14 @@ stage resumes from its last checkpoint.
 from __future__ import annotations
 
 from jobs.common import Tables, load, main, parse_args, run_seeds
+from pipelines.judge import judged_tables
 from pipelines.macpo import MACPOConfig, pairs_gold_rows, plot_pairs_gold, plot_rounds, run_macpo
 
 
 def tables(metrics: dict) -> Tables:
     macpo = metrics["methods"]["macpo"]
+    if "knowledge" not in macpo:  # your own models: the pairs of each round, and your judges' verdicts
+        return [("Pairs of every round", macpo["pairs"]), *judged_tables(metrics)]
     rows = [{"round": r["round"], "agent": "student", **r["student"]} for r in macpo["rounds"]]
     rows += [{"round": r["round"], "agent": t["name"], **{k: t[k] for k in ("helpful", "harmless", "total")}}
              for r in macpo["rounds"] for t in r["teachers"]]
@@ -28,6 +32,8 @@ def tables(metrics: dict) -> Tables:
 
 def sections(per_seed: dict, mean: dict, std: dict, folder) -> list[str]:
     macpo, macpo_std = mean["methods"]["macpo"], std["methods"]["macpo"]
+    if "knowledge" not in macpo:
+        return []
     plot_rounds(macpo["rounds"], {**mean["models"], "naive_sft": mean["methods"]["naive_sft"]},
                 folder / "macpo_rounds.png", macpo_std)
     plot_pairs_gold(macpo["pairs_gold_reward"], folder / "macpo_pairs_gold.png", macpo_std["pairs_gold_reward"])

@@ -9,16 +9,13 @@ On the embedded world it reuses (or first builds) the models of `python -m jobs.
 from __future__ import annotations
 
 from jobs.common import Tables, load, main, parse_args, run_seeds
-from pipelines.judge import scores_table
+from pipelines.judge import judged_tables
 from pipelines.wspo import WSPOConfig, plot_sweep, run_wspo
 
 
 def tables(metrics: dict) -> Tables:
     if "sweep" not in metrics["methods"]["wspo"]:  # your own models: judged only with an `evaluate:` section
-        if "evaluation" not in metrics:
-            return []
-        reference = metrics["evaluation_setup"]["reference"]
-        return [(f"Your judges, against {reference}", scores_table(metrics["evaluation"], reference))]
+        return judged_tables(metrics)
     return [("Reference models", [{"model": n, **s} for n, s in metrics["models"].items()]),
             ("WSPO, gamma sweep (PGR on total, against weak_aligned and strong_ceiling)",
              metrics["methods"]["wspo"]["sweep"])]

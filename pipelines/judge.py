@@ -294,6 +294,14 @@ def scores_table(scores: dict, reference: str) -> list[dict]:
     return [{"model": f"{name} (reference)" if name == reference else name, **s} for name, s in scores.items()]
 
 
+def judged_tables(metrics: dict) -> list[tuple[str, list[dict]]]:
+    """A method job's result tables on your own models: the judges' verdicts when it had an `evaluate:` section."""
+    if "evaluation" not in metrics:
+        return []
+    reference = metrics["evaluation_setup"]["reference"]
+    return [(f"Your judges, against {reference}", scores_table(metrics["evaluation"], reference))]
+
+
 def _report(scores: dict, table: pa.Table, rejected: pa.Table, models: dict[str, ModelSpec], judging: Judging,
             generation: GenerationConfig) -> list[str]:
     judges = judging.judges

@@ -30,8 +30,10 @@ is refused (w2s.runs.RunDir.claim).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,25 +48,42 @@ from actors.trainer import TrainConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
                                   knowledge_transfer, plot_lines)
-from pipelines.prepare import PretrainStage, load_prepare, model_positions_of, prepare, pretrained_base
+from pipelines.judge import Judging, check_judging, judge_models
+from pipelines.prepare import Prepared, PretrainStage, load_prepare, model_positions_of, prepare, pretrained_base
+from pipelines.score import TokenizerMismatchError, check_same_tokenizer
 from w2s.config import ConfigError, StrictModel, offset_seeds
+from w2s.data import RAW_SCHEMA, PreferenceDataError, check_batch, format_rejections, load_pairs
 from w2s.metrics import gold_scores, knowledge_overlap, pgr
-from w2s.data import RAW_SCHEMA, check_batch
-from w2s.modeling import ModelSpec, encode_prompts, load_tokenizer, resolve_max_length
+from w2s.modeling import (ModelSpec, check_model_task, encode_prompts, load_tokenizer, model_positions,
+                          resolve_max_length)
 from w2s.runs import Cache, RunDir, markdown_table
+
+
+def _unset(value) -> bool:
+    """Fields of your own models' mode are left out of config.yaml while unset, so that a run folder written
+    before they existed continues (w2s.runs.RunDir.claim)."""
+    return value is None
 
 
 class TeacherSpec(StrictModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    pretrain: PretrainStage | None = Field(None, description="None: the prepared weak base; else a weak "
-                                           "model pretrained here (another size or seed)")
+    pretrain: PretrainStage | None = Field(None, description="embedded world: None: the prepared weak base; else "
+                                           "a weak model pretrained here (another size or seed)")
+    model: ModelSpec | None = Field(None, exclude_if=_unset, description="your own models (prepare: null): the "
+                                    "teacher's weak base checkpoint")
 
 
 class MACPOConfig(StrictModel):
     run_name: str = "macpo"
     runs_dir: str = "runs"
     cache_dir: str = Field(".cache/w2s", description="content-hash cache of the prepared models")
-    prepare: str = Field("configs/prepare.yaml", description="the embedded world's prepare config")
+    prepare: str | None = Field("configs/prepare.yaml", description="the embedded world's prepare config; null "
+                                "for your own models: `student`, every teacher's `model` and `data`")
+    student: ModelSpec | None = Field(None, exclude_if=_unset, description="your own models: the strong base "
+                                      "the student starts from")
+    data: str | None = Field(None, exclude_if=_unset, description="your own models: preference pairs (JSONL, "
+                             "Parquet or saved HF dataset; plain or chat). Half A initialises the teachers, half B "
+                             "gives the student's weak labels and the rounds' prompts")
     teachers: list[TeacherSpec] = Field(min_length=1)
     rounds: int = Field(3, ge=1)
     round_prompts: int = Field(250, ge=1, description="prompts per round, taken in turn from half B of the pairs")
@@ -78,6 +97,9 @@ class MACPOConfig(StrictModel):
     max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS for every stage; "
                                    "None: the models' positions")
     cluster: ClusterConfig = ClusterConfig()  # train.cpus_per_worker below 1: a round's agents side by side
+    evaluate: Judging | None = Field(None, exclude_if=_unset, description="your own models: judge the strong "
+                                     "base, naive SFT and every agent after every round on these prompts at the "
+                                     "end (pipelines.judge); the embedded world has its gold reward instead")
     seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds): each shifts every "
                              "`seed` of this config and of the prepare config")
 
@@ -91,7 +113,30 @@ class MACPOConfig(StrictModel):
                 raise ValueError(f"{name}.mode must be 'sft', got {getattr(self, name).mode!r}")
         if self.dpo.mode != "dpo":
             raise ValueError(f"dpo.mode must be 'dpo', got {self.dpo.mode!r}")
+        own_fields = [name for name in ("student", "data", "evaluate") if getattr(self, name) is not None]
+        own_fields += [f"teachers[{i}].model" for i, t in enumerate(self.teachers) if t.model is not None]
+        if self.prepare is not None and own_fields:
+            raise ValueError(f"{', '.join(own_fields)}: for your own models (prepare: null); the embedded world "
+                             "brings its models, pairs and gold reward")
+        if self.prepare is None:
+            missing = [name for name in ("student", "data") if getattr(self, name) is None]
+            missing += [f"teachers[{i}].model" for i, t in enumerate(self.teachers) if t.model is None]
+            if missing:
+                raise ValueError(f"prepare: null (your own models) needs {', '.join(missing)}")
+            pretrained = [f"teachers[{i}].pretrain" for i, t in enumerate(self.teachers) if t.pretrain is not None]
+            if pretrained:
+                raise ValueError(f"{', '.join(pretrained)}: pretrains on the embedded world; with your own models "
+                                 "give the teacher's `model`")
+        if self.evaluate is not None and self.evaluate.reference not in self.judged():
+            raise ValueError(f"evaluate.reference {self.evaluate.reference!r} is not one of the judged models "
+                             f"({', '.join(self.judged())}); the weak aligned models of MACPO are the teachers "
+                             "after initialisation, `<teacher>_r0`")
         return self
+
+    def judged(self) -> list[str]:
+        """What an `evaluate:` section judges: the strong base, naive SFT, every agent after every round."""
+        agents = ["student", *(t.name for t in self.teachers)]
+        return ["strong_base", "naive_sft", *(f"{a}_r{r}" for r in range(self.rounds + 1) for a in agents)]
 
 
 def _log(msg: str) -> None:
@@ -109,29 +154,33 @@ class Stages:
         self.cache.root.mkdir(parents=True, exist_ok=True)
         self.max_length = max_length
         self.workers = workers
+        self.dpo = config.dpo  # every agent is hosted in the dtype the rounds' DPO trains in (its reference is itself)
 
     def run(self, name: str, build) -> Path:
         """The stage's folder, built by `build(folder)` unless already complete."""
         return self.cache.build(name, "", build, _log)
 
-    def train(self, jobs: dict[str, tuple[TrainConfig, Path, pa.Table]]) -> dict[str, Path]:
-        """Train independent stages `{name: (config, init model, data)}` at once; their trained models.
+    def train(self, jobs: dict[str, tuple[TrainConfig, ModelSpec, pa.Table]]) -> dict[str, ModelSpec]:
+        """Train independent stages `{name: (config, init model, data)}` at once; their trained models (loaded
+        as the init model is, in the dtype they train in).
 
         Each stage is handed to the job's training workers from its own thread: they train side by side
         as far as the cluster holds several worker groups (TrainingWorkers), else one after another. A
         stage that fails does not stop the others; its error is raised once all have ended, so finished
         ones are kept.
         """
-        def one(name: str) -> Path:
+        def one(name: str) -> ModelSpec:
             config, init_model, table = jobs[name]
 
             def build(path: Path) -> None:
                 pq.write_table(table, path / "data.parquet")
-                summary = self.workers.train(config, init_model, path / "data.parquet", path / "model", name,
-                                             self.storage, self.max_length)
+                summary = self.workers.train(config, init_model.path, path / "data.parquet", path / "model", name,
+                                             self.storage, self.max_length,
+                                             trust_remote_code=init_model.trust_remote_code)
                 (path / "train_summary.json").write_text(json.dumps(summary))
 
-            return self.run(name, build) / "model"
+            trained = self.run(name, build) / "model"
+            return init_model.model_copy(update={"path": str(trained), "dtype": self.workers.train_dtype(self.dpo)})
 
         with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
             futures = {name: pool.submit(one, name) for name in jobs}
@@ -157,40 +206,104 @@ def _sft_table(prompts: list[str], responses: list[str]) -> pa.Table:
     return pa.table({"prompt": pa.array(prompts, pa.string()), "response": pa.array(responses, pa.string())})
 
 
+@dataclass
+class Inputs:
+    """What a run starts from: the embedded world's prepared models and gold pairs, or your own."""
+
+    pairs: list[dict]  # prompt, chosen, rejected (the world's also `kind`: helpful or harmful)
+    student: ModelSpec  # the strong base
+    teachers: dict[str, ModelSpec | None]  # each teacher's weak base; None: the world's (built by _teacher_base)
+    prepared: Prepared | None = None  # the embedded world; None: your own models
+    set_aside: pa.Table | None = None  # your own pairs that failed the data check, with their reasons
+
+
 def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0, workers: Workers | None = None) -> dict:
     """One MACPO run at run seed `seed` (every `seed` field shifted by it, the prepared world's too).
     `workers`: the calling job's hosts and training workers (None: started here for this run)."""
     start = time.perf_counter()
     config = offset_seeds(config, seed)
-    prepare_config = load_prepare(config.prepare, config.cache_dir, seed)
-    max_length = _max_length(config, prepare_config)
+    prepare_config = None if config.prepare is None else load_prepare(config.prepare, config.cache_dir, seed)
+    own = _own_inputs(config, run) if config.prepare is None else None  # checked before any host starts
+    max_length = own[1] if own else _max_length(config, prepare_config)
     # the hosts hold every positive agent at once to score each one's DPO reference
     cluster = config.cluster.model_copy(update={"max_hosts": max(config.cluster.max_hosts, len(config.teachers) + 1)})
     with job_workers(workers, run.path / "ray_train", cluster) as workers:
         stages = Stages(run, config, max_length, workers)
-        run.claim(prepare_config, "prepare.yaml")  # the prepare file can change between a kill and a rerun
-        prepared = prepare(prepare_config, workers=workers)
-        run.link("data", prepared.data)
-        history, set_aside, pair_gold = _rounds(config, prepared, stages, max_length, run)
-        metrics = _evaluate(config, prepared, history, [t.name for t in config.teachers], set_aside, pair_gold,
-                            run, workers)
+        inputs = own[0] if own else _world_inputs(config, prepare_config, run, max_length, workers)
+        history, set_aside, pair_gold = _rounds(config, inputs, stages, max_length, run)
+        teachers = [t.name for t in config.teachers]
+        if inputs.prepared is None:
+            metrics = _own_models_report(config, inputs, history, set_aside, run, workers)
+        else:
+            metrics = _evaluate(config, inputs.prepared, history, teachers, set_aside, pair_gold, run, workers)
     run.update_metrics({"wall_seconds": {"macpo": round(time.perf_counter() - start, 1)},
                         "methods": {"macpo": {"stage_seconds": stages.cache.seconds, "stage_nodes": stages.placement()}}})
     return metrics
 
 
-def _initialise(config: MACPOConfig, prepared, stages: Stages, pairs: list[dict], max_length: int) -> dict[str, Path]:
+def _world_inputs(config: MACPOConfig, prepare_config, run: RunDir, max_length: int, workers: Workers) -> Inputs:
+    """The embedded world, prepared (or reused from the cache): its bases and gold pairs."""
+    run.claim(prepare_config, "prepare.yaml")  # the prepare file can change between a kill and a rerun
+    prepared = prepare(prepare_config, workers=workers)
+    run.link("data", prepared.data)
+    pairs = [json.loads(line) for line in (prepared.data / "pairs.jsonl").read_text().splitlines()]
+    eval_prompts = pq.read_table(prepared.data / "eval_prompts.parquet", columns=["prompt"])["prompt"].to_pylist()
+    check_room_to_generate(config, [p["prompt"] for p in pairs] + eval_prompts,
+                           load_tokenizer(prepared.models["strong_base"]), max_length)
+    return Inputs(pairs, ModelSpec(path=str(prepared.models["strong_base"])),
+                  {t.name: None for t in config.teachers}, prepared)
+
+
+def _own_inputs(config: MACPOConfig, run: RunDir) -> tuple[Inputs, int]:
+    """Your own models and pairs, checked in the driver before any host starts: (the inputs, max_length).
+    Agents exchange text, rendered by one chat template: teachers and student must read prompts alike."""
+    models = {"student": config.student, **{f"teacher {t.name}": t.model for t in config.teachers}}
+    for spec in models.values():
+        check_model_task(spec.path, "causal_lm")
+    check_same_tokenizer(models)
+    templates = {name: load_tokenizer(spec.path, spec.trust_remote_code).chat_template for name, spec in models.items()}
+    if len(set(templates.values())) > 1:
+        raise TokenizerMismatchError(f"chat templates differ between {', '.join(models)}: every agent must render "
+                                     "the prompts it exchanges alike")
+    max_length = resolve_max_length(config.max_length, {n: model_positions(s.path) for n, s in models.items()})
+    if config.evaluate is not None:  # wrong judges are refused before anything is trained
+        check_judging({"strong_base": config.student}, config.evaluate, config.eval_generation)
+    tokenizer = load_tokenizer(config.student.path, config.student.trust_remote_code)
+    good, bad = load_pairs(config.data, tokenizer, max_length)
+    run.write_examples("macpo_rejected_rows", bad)
+    _log(f"{good.num_rows} usable pairs in {config.data}; {format_rejections(bad)}")
+    pairs = good.select(["prompt", "chosen", "rejected"]).to_pylist()
+    if not all(split_halves(pairs)):
+        raise PreferenceDataError(f"{config.data}: {good.num_rows} usable pairs, all in one half (split by prompt): "
+                                  "MACPO needs pairs in both (half A initialises the teachers, half B the student); "
+                                  f"{format_rejections(bad)}")
+    check_room_to_generate(config, [p["prompt"] for p in pairs], tokenizer, max_length)
+    return Inputs(pairs, config.student, {t.name: t.model for t in config.teachers}, set_aside=bad), max_length
+
+
+def _teacher_base(config: MACPOConfig, teacher: TeacherSpec, inputs: Inputs, max_length: int,
+                  workers: Workers) -> ModelSpec:
+    """A teacher's weak base: your own checkpoint, the prepared weak base, or one pretrained here on the world."""
+    if inputs.teachers[teacher.name] is not None:
+        return inputs.teachers[teacher.name]
+    prepared = inputs.prepared
+    if teacher.pretrain is None:
+        return ModelSpec(path=str(prepared.models["weak_base"]))
+    return ModelSpec(path=str(pretrained_base(Cache(config.cache_dir), prepared.world, prepared.world_key,
+                                              prepared.data, teacher.pretrain, f"teacher_base_{teacher.name}",
+                                              max_length, workers)))
+
+
+def _initialise(config: MACPOConfig, inputs: Inputs, stages: Stages, max_length: int) -> dict[str, ModelSpec]:
     """Every agent's starting model: teachers from gold half A, the student from the teachers' outputs on half B."""
-    half_a, half_b = split_halves(pairs)  # teachers learn from gold on A; the student sees only B
+    half_a, half_b = split_halves(inputs.pairs)  # teachers learn from gold on A; the student sees only B
     teachers = [t.name for t in config.teachers]
     workers = stages.workers
-    agents: dict[str, Path] = {}
+    agents: dict[str, ModelSpec] = {}
     prompts = [p["prompt"] for p in half_a]
     init_jobs = {}
     for teacher in config.teachers:
-        base = (prepared.models["weak_base"] if teacher.pretrain is None else
-                pretrained_base(Cache(config.cache_dir), prepared.world, prepared.world_key, prepared.data,
-                                teacher.pretrain, f"teacher_base_{teacher.name}", max_length, workers))
+        base = _teacher_base(config, teacher, inputs, max_length, workers)
         init_jobs[f"init_{teacher.name}"] = (config.sft, base, _sft_table(prompts, [p["chosen"] for p in half_a]))
         init_jobs[f"init_{teacher.name}_negative"] = (config.sft, base,
                                                        _sft_table(prompts, [p["rejected"] for p in half_a]))
@@ -200,8 +313,8 @@ def _initialise(config: MACPOConfig, prepared, stages: Stages, pairs: list[dict]
     prompts_b = pa.table({"prompt": [p["prompt"] for p in half_b]})
 
     def build_weak_labels(path: Path) -> None:
-        generations = workers.generate(prompts_b, _specs({name: agents[name] for t in teachers
-                                                          for name in (t, f"{t}_negative")}),
+        generations = workers.generate(prompts_b, {name: agents[name] for t in teachers
+                                                   for name in (t, f"{t}_negative")},
                                        **config.generation.model_dump())
         (path / "placement.json").write_text(json.dumps(workers.hosts.where()))
         pq.write_table(generations, path / "generations.parquet")
@@ -209,7 +322,7 @@ def _initialise(config: MACPOConfig, prepared, stages: Stages, pairs: list[dict]
     labels = pq.read_table(stages.run("weak_labels", build_weak_labels) / "generations.parquet").to_pylist()
     label_prompts = [row["prompt"] for row in labels for _ in teachers]
     student_sft = config.student_sft or config.sft
-    agents["student"] = stages.train({"init_student": (student_sft, prepared.models["strong_base"], _sft_table(
+    agents["student"] = stages.train({"init_student": (student_sft, inputs.student, _sft_table(
         label_prompts, [row[f"{t}_response"] for row in labels for t in teachers]))})["init_student"]
     # the negative agent starts from the student (it must first know the task), so it trains after it
     agents["student_negative"] = stages.train({"init_student_negative": (student_sft, agents["student"], _sft_table(
@@ -217,14 +330,12 @@ def _initialise(config: MACPOConfig, prepared, stages: Stages, pairs: list[dict]
     return agents
 
 
-def _rounds(config: MACPOConfig, prepared, stages: Stages, max_length: int, run: RunDir) -> tuple[list[dict], dict, dict]:
-    """The agents after initialisation and after every round; pairs set aside and the gold reward of each round's pairs."""
-    pairs = [json.loads(line) for line in (prepared.data / "pairs.jsonl").read_text().splitlines()]
-    eval_prompts = pq.read_table(prepared.data / "eval_prompts.parquet", columns=["prompt"])["prompt"].to_pylist()
-    check_room_to_generate(config, [p["prompt"] for p in pairs] + eval_prompts,
-                           load_tokenizer(prepared.models["strong_base"]), max_length)
-    agents = _initialise(config, prepared, stages, pairs, max_length)
-    half_b = split_halves(pairs)[1]
+def _rounds(config: MACPOConfig, inputs: Inputs, stages: Stages, max_length: int, run: RunDir
+            ) -> tuple[list[dict], dict, dict]:
+    """The agents after initialisation and after every round; pairs set aside and, on the embedded world, the
+    gold reward of each round's pairs."""
+    agents = _initialise(config, inputs, stages, max_length)
+    half_b = split_halves(inputs.pairs)[1]
     teachers = [t.name for t in config.teachers]
     history = [dict(agents)]  # the agents after each round; round 0 = initialisation
     set_aside: dict[str, dict[str, int]] = {}  # round -> reason -> pairs
@@ -239,7 +350,8 @@ def _rounds(config: MACPOConfig, prepared, stages: Stages, max_length: int, run:
         run.write_examples(f"macpo_round{r}_pairs", round_pairs)
         reasons = pq.read_table(pairs_dir / "set_aside.parquet", columns=["reason"])["reason"].to_pylist()
         set_aside[str(r)] = {reason: reasons.count(reason) for reason in sorted(set(reasons))}
-        pair_gold[str(r)] = pairs_gold_reward(prepared.world, round_pairs)
+        if inputs.prepared is not None:
+            pair_gold[str(r)] = pairs_gold_reward(inputs.prepared.world, round_pairs)
         round_jobs = {}
         for agent in ["student", *teachers]:
             mine = round_pairs.filter(pc.equal(round_pairs["agent"], agent))
@@ -254,7 +366,7 @@ def _rounds(config: MACPOConfig, prepared, stages: Stages, max_length: int, run:
 
 
 def _max_length(config: MACPOConfig, prepare_config) -> int:
-    """The run's one max_length, checked against every model size before anything is built."""
+    """The run's one max_length on the embedded world, checked against every model size before anything is built."""
     sizes = {f"prepare {field}": n for field, n in model_positions_of(prepare_config).items()}
     sizes.update({f"teacher {t.name} size": t.pretrain.size.n_positions for t in config.teachers if t.pretrain})
     return resolve_max_length(config.max_length, sizes)
@@ -282,18 +394,18 @@ def check_pairs(rows: list[dict], tokenizer, max_length: int, source: str) -> tu
     return usable, aside
 
 
-def _specs(models: dict[str, Path]) -> dict[str, ModelSpec]:
-    return {name: ModelSpec(path=str(path)) for name, path in models.items()}
-
-
 def split_halves(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Two halves with the same share of every prompt `kind`: rows of each kind go to A and B in turn.
-    (The world lists its pairs helpful, harmful, helpful, ...: a plain even/odd split would give one
-    half only helpful prompts and the other only harmful ones.)"""
+    """Two halves. The world's pairs: the same share of every prompt `kind` in each, rows of each kind going to
+    A and B in turn (the world lists its pairs helpful, harmful, helpful, ...: a plain even/odd split would give
+    one half only helpful prompts). Your own pairs carry no kind: a pair's half is set by its prompt's hash, so
+    that it does not follow the file's order (a file sorted by topic) and pairs of one prompt stay together."""
     seen: dict = {}
     halves: tuple[list, list] = ([], [])
     for row in rows:
-        kind = row.get("kind")
+        if "kind" not in row:
+            halves[hashlib.sha256(row["prompt"].encode()).digest()[0] % 2].append(row)
+            continue
+        kind = row["kind"]
         halves[seen.get(kind, 0) % 2].append(row)
         seen[kind] = seen.get(kind, 0) + 1
     return halves
@@ -339,19 +451,19 @@ def pairs_gold_reward(world, pairs: pa.Table) -> dict[str, dict]:
     return out
 
 
-def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[str], prompts: pa.Table,
+def _round_pairs(config: MACPOConfig, agents: dict[str, ModelSpec], teachers: list[str], prompts: pa.Table,
                  max_length: int, path: Path, workers: Workers) -> None:
     """Generate with every agent, build the contrastive pairs both ways, score their references."""
-    gen = workers.generate(prompts, _specs(agents), **config.generation.model_dump()).to_pylist()
+    gen = workers.generate(prompts, agents, **config.generation.model_dump()).to_pylist()
     # the student's likelihood of the teachers' answers, and each positive agent's as the DPO reference
-    hosts = workers.host(_specs({agent: agents[agent] for agent in ["student", *teachers]}))
+    hosts = workers.host({agent: agents[agent] for agent in ["student", *teachers]})
     (path / "placement.json").write_text(json.dumps(workers.hosts.where(hosts)))
     # the student's likelihood of each teacher's positive response picks its chosen one
     candidates = pa.Table.from_pylist([{"prompt": row["prompt"], "response": row[f"{t}_response"],
                                         "host": "student", "teacher": t, "i": i}
                                        for i, row in enumerate(gen) for t in teachers])
     scored = score_by_host(candidates, hosts, "host", ("response",), "student_", config.score_batch_size).to_pylist()
-    usable, aside = check_pairs(contrastive_pairs(gen, scored, teachers), load_tokenizer(agents["student"]),
+    usable, aside = check_pairs(contrastive_pairs(gen, scored, teachers), load_tokenizer(agents["student"].path),
                                 max_length, f"{path.name}/pairs")
     table = pa.Table.from_pylist(usable, schema=PAIRS_SCHEMA)
     # DPO reference = each positive agent as it starts the round, scored once here
@@ -363,14 +475,59 @@ def _round_pairs(config: MACPOConfig, agents: dict[str, Path], teachers: list[st
     _log(f"{path.name}: {table.num_rows} pairs, {len(aside)} set aside (empty, equal or too long)")
 
 
+def _agent_models(history: list[dict], teachers: list[str]) -> dict[str, ModelSpec]:
+    """Naive SFT (the student's round 0) and every agent after every round, named `<agent>_r<round>`."""
+    models = {"naive_sft": history[0]["student"]}
+    models.update({f"{agent}_r{r}": agents[agent] for r, agents in enumerate(history) for agent in ["student", *teachers]})
+    return models
+
+
+def _own_models_report(config: MACPOConfig, inputs: Inputs, history: list[dict], set_aside: dict, run: RunDir,
+                       workers: Workers) -> dict:
+    """metrics.json and report.md of MACPO on your own models: the pairs of every round, the trained agents and,
+    with `evaluate:`, the judges' verdicts on them."""
+    teachers = [t.name for t in config.teachers]
+    models = _agent_models(history, teachers)
+    for name, spec in models.items():
+        run.link(f"checkpoints/{name}", spec.path)
+    pairs = [{"round": r, "agent": agent, "pairs": n} for r in range(1, config.rounds + 1)
+             for agent, n in _pairs_per_agent(run.path / "examples" / f"macpo_round{r}_pairs.parquet").items()]
+    section = {"teachers": teachers, "rounds": config.rounds, "data": config.data, "pairs": pairs,
+               "train_pairs": len(inputs.pairs), "set_aside_rows": inputs.set_aside.num_rows,
+               "set_aside_pairs": set_aside}
+    report = [f"{len(teachers)} weak teachers ({', '.join(teachers)}) and the student (`{config.student.path}`), "
+              f"{config.rounds} rounds of {config.round_prompts} prompts, from {len(inputs.pairs)} pairs of "
+              f"{config.data} ({inputs.set_aside.num_rows} set aside, in examples/macpo_rejected_rows.parquet). "
+              "Round 0 is the initialisation: the student then equals naive SFT on the teachers' outputs. Every "
+              "agent's model is in `checkpoints/<agent>_r<round>`.",
+              "Pairs of every round (after the check of user data):\n\n" + markdown_table(pairs),
+              "Pairs set aside per round, by reason:\n\n" + "\n".join(
+                  f"- round {r}: " + (", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "none")
+                  for r, reasons in set_aside.items())]
+    update = {"methods": {"macpo": section}}
+    if config.evaluate is None:
+        report[0] += (" No gold reward exists for your own data: judge the checkpoints with your own judges (an "
+                      "`evaluate:` section, or `python -m jobs.evaluate`).")
+    else:
+        judged, sections = judge_models({"strong_base": inputs.student, **models}, config.evaluate,
+                                        config.eval_generation, run, workers)
+        update.update(judged)
+        report += [f"Judged against `{config.evaluate.reference}` (`evaluate:`, pipelines.judge):", *sections]
+    metrics = run.update_metrics(update)
+    run.write_report("MACPO on your own models", report)
+    return metrics
+
+
+def _pairs_per_agent(path: Path) -> dict[str, int]:
+    agents = pq.read_table(path, columns=["agent"])["agent"].to_pylist()
+    return {agent: agents.count(agent) for agent in dict.fromkeys(agents)}
+
+
 def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list[str], set_aside: dict,
               pair_gold: dict, run: RunDir, workers: Workers) -> dict:
     references = ("weak_aligned", "strong_ceiling", "strong_base")
     models = {name: prepared.models[name] for name in references}
-    models["naive_sft"] = history[0]["student"]
-    for r, agents in enumerate(history):
-        for agent in ["student", *teachers]:
-            models[f"{agent}_r{r}"] = agents[agent]
+    models.update({name: Path(spec.path) for name, spec in _agent_models(history, teachers).items()})
     scores, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", models,
                                         config.eval_generation, workers)
     run.write_examples("eval_generations", generations)
@@ -439,6 +596,10 @@ def pairs_reading(pair_gold: dict, teachers: list[str]) -> str:
     """What the pair figures say about the student's gain, one line per round (helpful prompts)."""
     lines = []
     for r, agents in sorted(pair_gold.items(), key=lambda item: int(item[0])):
+        if "student" not in agents or teachers[0] not in agents:
+            lines.append(f"- round {r}: every pair of the student or of {teachers[0]} was set aside: nothing to "
+                         "compare.")
+            continue
         picked, own = agents["student"]["chosen"]["helpful"], agents[teachers[0]]["chosen"]["helpful"]
         verdict = ("above its own answers: the pairs can teach it facts" if picked > own else
                    "not above its own answers: the pairs cannot make it more helpful")
@@ -457,11 +618,15 @@ def pairs_gold_rows(pair_gold: dict) -> list[dict]:
 def plot_pairs_gold(pair_gold: dict, path: Path, std: dict | None = None) -> None:
     """Helpful gold reward of every agent's chosen and rejected responses, per round."""
     rounds = sorted(pair_gold, key=int)
+
+    def helpful(table: dict, r: str, agent: str, side: str) -> float:  # NaN (a gap) where a round had no pairs
+        return table[r][agent][side]["helpful"] if agent in table.get(r, {}) else float("nan")
+
     series = {}
-    for agent in pair_gold[rounds[0]]:
+    for agent in dict.fromkeys(agent for r in rounds for agent in pair_gold[r]):
         for side, style in (("chosen", "o-"), ("rejected", "x:")):
-            series[f"{agent} {side}"] = ([pair_gold[r][agent][side]["helpful"] for r in rounds], style,
-                                         [std[r][agent][side]["helpful"] for r in rounds] if std else None)
+            series[f"{agent} {side}"] = ([helpful(pair_gold, r, agent, side) for r in rounds], style,
+                                         [helpful(std, r, agent, side) for r in rounds] if std else None)
     plot_lines([int(r) for r in rounds], series, {}, "round (helpful gold reward of the pairs' responses)", path)
 
 

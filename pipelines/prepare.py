@@ -151,10 +151,12 @@ def _build_models(config: PrepareConfig, cache: Cache, world: World, world_key: 
                                                  max_length, workers, run.path / "tensorboard" if run else None)
 
     fingerprints = {name: weights_fingerprint(path) for name, path in models.items()}
-    pairs_key = content_hash("pairs-v2", world_key, fingerprints, max_length)
+    dtype = workers.train_dtype(config.align)  # the DPO references, scored in the dtype the policies train in
+    pairs_key = content_hash("pairs-v3", world_key, fingerprints, max_length, dtype)
 
     def build_scored(path: Path) -> None:
-        hosts = workers.host({role: ModelSpec(path=str(models[role])) for role in ("weak_base", "strong_base")})
+        hosts = workers.host({role: ModelSpec(path=str(models[role]), dtype=dtype)
+                              for role in ("weak_base", "strong_base")})
         result = score_preferences(data / "pairs.jsonl", hosts, path, tokenizer_path=str(models["weak_base"]),
                                    max_length=max_length, batch_size=config.score_batch_size)
         _log(f"scored {result.n_scored} gold pairs; {result.report}")

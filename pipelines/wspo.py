@@ -168,15 +168,19 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
     cache = Cache(config.cache_dir)
     hosts = {"weak_aligned": models["weak_aligned"], "weak_base": models["weak_base"]}
     if not config.train.lora:  # with LoRA the policy computes its own reference (adapter disabled)
-        hosts["strong_ref"] = models["strong"]
+        # the frozen reference, scored in the dtype the policy trains in
+        hosts["strong_ref"] = models["strong"].model_copy(update={"dtype": workers.train_dtype(config.train)})
     sides = ("chosen", "rejected") if config.responses == "both" else (config.responses,)
-    scores_key = content_hash("wspo-scores-v2", {r: fingerprints[r.removesuffix("_ref")] for r in hosts},
+    scores_key = content_hash("wspo-scores-v3", {r: [fingerprints[r.removesuffix("_ref")], spec.dtype]
+                                                 for r, spec in hosts.items()},
                               _data_fingerprint(data), max_length, sides)
 
     def build_scores(scores_dir: Path) -> None:
         _log(f"scoring {'+'.join(sides)} responses of {data} under {', '.join(hosts)} (Ray Data)")
-        result = score_preferences(data, workers.host(hosts), scores_dir, tokenizer_path=models["strong"].path,
+        refs = workers.host(hosts)
+        result = score_preferences(data, refs, scores_dir, tokenizer_path=models["strong"].path,
                                    max_length=max_length, batch_size=config.score_batch_size, responses=sides)
+        (scores_dir / "placement.json").write_text(json.dumps(workers.hosts.where(refs)))  # device and dtype
         _log(f"scored {result.n_scored} rows; {result.report}")
         write_training_table(result.scored_path, config.responses, scores_dir / "train.parquet")
 
@@ -185,7 +189,7 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
     rejected = pq.read_table(scores_dir / "rejected_rows.parquet")
     run.write_examples("wspo_rejected_rows", rejected)
 
-    trained, summaries = _train_gammas(config, workers, models["strong"].path, train_data, scores_key,
+    trained, summaries = _train_gammas(config, workers, models["strong"], train_data, scores_key,
                                        fingerprints["strong"], max_length, run, keep=prepared is None)
     section = {"gamma": config.train.gamma, "responses": config.responses, "lora": config.train.lora is not None,
                "train_rows": pq.read_metadata(train_data).num_rows, "set_aside_rows": rejected.num_rows,
@@ -198,7 +202,7 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
     return metrics
 
 
-def _train_gammas(config: WSPOConfig, workers: Workers, strong: str, train_data: Path, scores_key: str,
+def _train_gammas(config: WSPOConfig, workers: Workers, strong: ModelSpec, train_data: Path, scores_key: str,
                   strong_fingerprint: str, max_length: int, run: RunDir, keep: bool) -> tuple[dict, dict]:
     """One WSPO model per gamma, one after another on the same training workers (cached by content):
     {gamma: model folder}, {gamma: train summary}. `keep`: copy each model into the run folder (a model
@@ -211,9 +215,9 @@ def _train_gammas(config: WSPOConfig, workers: Workers, strong: str, train_data:
         key = content_hash("wspo-v3", scores_key, strong_fingerprint, stage, max_length)
 
         def build_model(path: Path) -> None:  # called right away by cache.build, inside this iteration
-            summary = workers.train(stage, strong, train_data, path / "model", f"wspo-{key}", storage, max_length,
-                                    tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}",
-                                    reference="strong_ref")
+            summary = workers.train(stage, strong.path, train_data, path / "model", f"wspo-{key}", storage,
+                                    max_length, tensorboard_dir=run.path / "tensorboard" / f"wspo_gamma_{gamma}",
+                                    reference="strong_ref", trust_remote_code=strong.trust_remote_code)
             (path / "train_summary.json").write_text(json.dumps(summary))
 
         path = Cache(config.cache_dir).build("wspo", key, build_model, lambda msg: _log(f"gamma {gamma}, {msg}"))

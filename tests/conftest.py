@@ -193,3 +193,36 @@ def chat_models(workers, smollm2, tmp_path_factory) -> ChatModels:
     sft = TrainConfig(mode="sft", lr=1e-2, epochs=4, batch_size=4, num_workers=2, log_every=4)
     workers.train(sft, weak_base, root / "sft.parquet", root / "weak_aligned", "chat-weak-sft", root / "storage", 256)
     return ChatModels(data, root / "weak_aligned", weak_base, smollm2)
+
+
+@dataclass
+class Judges:
+    reward: Path  # LlamaForSequenceClassification, num_labels 1, pad_token_id = SmolLM2's pad (<|im_end|>)
+    cost: Path  # the same shape, another seed
+    two_labels: Path  # num_labels 2: not a reward model
+
+
+def _classifier(tokenizer, out: Path, seed: int, num_labels: int = 1) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         num_labels=num_labels, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # scores that differ visibly between texts
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def judges(smollm2, tmp_path_factory) -> Judges:
+    """Tiny reward models on SmolLM2's tokenizer (seconds to score with), and one that is not a reward model."""
+    from w2s.modeling import load_tokenizer
+
+    tokenizer, root = load_tokenizer(smollm2), tmp_path_factory.mktemp("judges")
+    return Judges(_classifier(tokenizer, root / "reward", 1), _classifier(tokenizer, root / "cost", 2),
+                  _classifier(tokenizer, root / "two_labels", 3, num_labels=2))

@@ -1,5 +1,7 @@
 """Configs fail loudly, the world is deterministic and its gold reward is exact."""
 
+from pathlib import Path
+
 import pytest
 
 from actors.trainer import TrainConfig
@@ -157,3 +159,21 @@ def test_offset_seeds_shifts_every_seed_at_any_depth():
     assert shifted.seeds == config.seeds and offset_seeds(config, 0) == config
     prepared = offset_seeds(load_config(PrepareConfig, "configs/prepare.yaml"), 1)
     assert prepared.world.seed == 1 and prepared.weak.train.seed == 1 and prepared.align.seed == 1
+
+
+def test_every_shipped_config_loads_as_its_jobs_config():
+    """An example config that no longer matches its job's fields would fail only when a user runs it."""
+    from pipelines.judge import EvaluateConfig
+    from pipelines.macpo import MACPOConfig
+    from pipelines.score import ScoreConfig
+    from pipelines.wspo import WSPOConfig
+
+    jobs = {"prepare": PrepareConfig, "tiny": PrepareConfig, "score": ScoreConfig, "evaluate": EvaluateConfig,
+            "wspo": WSPOConfig, "tiny_wspo": WSPOConfig, "macpo": MACPOConfig, "tiny_macpo": MACPOConfig,
+            "macpo_own": MACPOConfig}
+    shipped = sorted(p.stem for p in Path("configs").glob("*.yaml"))
+    assert shipped == sorted(jobs), "a config without its job here, or one listed that is gone"
+    for name, cls in jobs.items():
+        load_config(cls, f"configs/{name}.yaml")
+    own = load_config(MACPOConfig, "configs/macpo_own.yaml")
+    assert own.prepare is None and own.teachers[0].model.path.endswith("weak_base")

@@ -5,7 +5,6 @@ tokenizer keep these tests to seconds; SmolLM2 itself is the pairwise judge."""
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +13,7 @@ import pytest
 
 from pipelines.evaluation import GenerationConfig
 from pipelines.judge import Checked, EvaluateConfig, JudgesConfig, evaluate, pairwise_log_odds
-from tests.conftest import ROOT, job_env
+from tests.conftest import ROOT, Judges, job_env
 from w2s.config import ConfigError, load_config
 from w2s.data import load_prompts, render_prompt
 from w2s.metrics import pairwise_verdict
@@ -28,36 +27,6 @@ PROMPTS = [{"prompt": CHAT},
            {"prompt": "The capital of France is"},  # plain text: read verbatim
            {"prompt": 7},
            {"prompt": CHAT + [{"role": "assistant", "content": "Quillan."}]}]
-
-
-@dataclass
-class Judges:
-    reward: Path  # LlamaForSequenceClassification, num_labels 1, pad_token_id = SmolLM2's pad (<|im_end|>)
-    cost: Path  # the same shape, another seed
-    two_labels: Path  # num_labels 2: not a reward model
-
-
-def _classifier(tokenizer, out: Path, seed: int, num_labels: int = 1) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         num_labels=num_labels, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForSequenceClassification(config)
-    torch.nn.init.normal_(model.score.weight, std=1.0)  # scores that differ visibly between texts
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def judges(smollm2, tmp_path_factory) -> Judges:
-    tokenizer, root = load_tokenizer(smollm2), tmp_path_factory.mktemp("judges")
-    return Judges(_classifier(tokenizer, root / "reward", 1), _classifier(tokenizer, root / "cost", 2),
-                  _classifier(tokenizer, root / "two_labels", 3, num_labels=2))
 
 
 def _write_jsonl(path: Path, rows: list, extra_lines: tuple[str, ...] = ()) -> Path:

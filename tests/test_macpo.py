@@ -161,3 +161,27 @@ def test_knowledge_transfer_tells_copied_ignorance_from_own_knowledge():
     transfer = knowledge_transfer(generations, "m")
     assert transfer == {"model": "m", "only_strong_knew": 2, "right_there": 0.5, "weak_answer_there": 0.5,
                         "weak_knew": 1, "right_where_weak_knew": 0.0}
+
+
+def test_a_round_whose_pairs_were_all_set_aside_is_reported_not_a_crash(tmp_path):
+    """The report reads each round's pair figures; a round with none (every pair equal or empty) says so."""
+    from pipelines.macpo import pairs_reading, plot_pairs_gold
+
+    gold = {"chosen": {"helpful": 0.5, "harmless": 1.0, "total": 0.75},
+            "rejected": {"helpful": 0.0, "harmless": 1.0, "total": 0.5}}
+    pair_gold = {"1": {}, "2": {"student": {"pairs": 3, **gold}, "weak_a": {"pairs": 3, **gold}}}
+    lines = pairs_reading(pair_gold, ["weak_a"]).splitlines()
+    assert lines[0] == "- round 1: every pair of the student or of weak_a was set aside: nothing to compare."
+    assert lines[1].startswith("- round 2: the teacher answers the student picked are right on 50%")
+    plot_pairs_gold(pair_gold, tmp_path / "pairs.png")
+    assert (tmp_path / "pairs.png").stat().st_size > 0
+
+
+def test_your_own_pairs_are_split_by_prompt_not_by_file_order():
+    """Pairs without a world `kind`: pairs of one prompt land in the same half, whatever their order in the file."""
+    rows = [{"prompt": f"question {i % 20}", "chosen": "a", "rejected": f"b{i}"} for i in range(40)]
+    half_a, half_b = split_halves(rows)
+    prompts_a, prompts_b = {r["prompt"] for r in half_a}, {r["prompt"] for r in half_b}
+    assert prompts_a and prompts_b and not prompts_a & prompts_b and len(half_a) + len(half_b) == 40
+    again_a, _ = split_halves(rows[::-1])
+    assert {r["prompt"] for r in again_a} == prompts_a
