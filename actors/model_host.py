@@ -38,12 +38,14 @@ class ModelHost:
         if self.device == "cpu":
             torch.set_num_threads(threads)  # forward passes give the same numbers at any thread count (measured)
         self.model = self.tokenizer = self.held = None
+        self.searches: dict[str, object] = {}  # search rows in progress (w2s.decoding.DecodeRows), by session
 
     def _use(self, model: dict) -> None:
         from w2s.modeling import load_model, model_positions
 
         if model != self.held:
             self.model = self.tokenizer = self.held = None
+            self.searches = {}  # their KV caches belong to the model that goes
             gc.collect()
             spec = ModelSpec(**{k: v for k, v in model.items() if k != "fingerprint"})
             self.model, self.tokenizer = load_model(spec, self.device)
@@ -84,6 +86,44 @@ class ModelHost:
         return generate(self.model, self.tokenizer, prompts, max_new_tokens, do_sample, temperature, top_k, seed,
                         self.positions)
 
+    # ---- search (actors.search): rows that grow chunk by chunk, kept here with their KV cache between calls ----
+    def search_open(self, model: dict, session: str, prompts: list[str], copies: int, seeds: list[int], room: int,
+                    want_next: bool = False):
+        """`copies` rows per prompt, for `room` new tokens at most; with `want_next`, every row's next-token
+        log-probs (numpy [rows, vocab])."""
+        from w2s.decoding import DecodeRows
+
+        self._use(model)
+        self.searches[session] = DecodeRows(self.model, self.tokenizer, prompts, copies, seeds, room, self.positions)
+        return self.searches[session].next_logprobs().cpu().numpy() if want_next else None
+
+    def search_sample(self, model: dict, session: str, parents, n_tokens: int, temperature: float, top_k: int,
+                      bias=None) -> tuple[list[list[int]], object]:
+        """Rows reordered by `parents`, then up to `n_tokens` sampled for each: (new tokens, finished per row)."""
+        import torch
+
+        rows = self._search(model, session)
+        rows.select(parents)
+        new = rows.sample(n_tokens, temperature, top_k, None if bias is None else torch.as_tensor(bias))
+        return new, rows.finished.cpu().numpy()
+
+    def search_append(self, model: dict, session: str, parents, tokens: list[list[int]], want_next: bool = False):
+        """Rows reordered by `parents`, then `tokens` added: the summed log-prob of each row's new tokens (and,
+        with `want_next`, the next-token log-probs)."""
+        rows = self._search(model, session)
+        rows.select(parents)
+        sums = rows.append(tokens)
+        return (sums, rows.next_logprobs().cpu().numpy()) if want_next else sums
+
+    def search_close(self, session: str) -> None:
+        self.searches.pop(session, None)
+
+    def _search(self, model: dict, session: str):
+        if model != self.held or session not in self.searches:
+            raise RuntimeError(f"search session {session} is not on this host (it restarted, or loaded another "
+                               "model): the search batch must start again")
+        return self.searches[session]
+
     def where(self) -> dict:
         import torch
 
@@ -107,6 +147,13 @@ class HostRef:
 
     def rewards(self, prompts: list[str], responses: list[str]):
         return self.actor.rewards.remote(self.model, prompts, responses)
+
+    def search(self, call: str, session: str, *args, **kwargs):
+        """One of the host's `search_<call>` methods (open, sample, append, close) on this model's rows of
+        `session` (a search names one session per role: two roles may share a host)."""
+        if call == "close":
+            return self.actor.search_close.remote(session)
+        return getattr(self.actor, f"search_{call}").remote(self.model, session, *args, **kwargs)
 
 
 class HostPool:

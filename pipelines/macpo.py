@@ -50,12 +50,11 @@ from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_tab
                                   knowledge_transfer, plot_lines)
 from pipelines.judge import Judging, check_judging, judge_models
 from pipelines.prepare import Prepared, PretrainStage, load_prepare, model_positions_of, prepare, pretrained_base
-from pipelines.score import TokenizerMismatchError, check_same_tokenizer
 from w2s.config import ConfigError, StrictModel, offset_seeds
 from w2s.data import RAW_SCHEMA, PreferenceDataError, check_batch, format_rejections, load_pairs
 from w2s.metrics import gold_scores, knowledge_overlap, pgr
-from w2s.modeling import (ModelSpec, check_model_task, encode_prompts, load_tokenizer, model_positions,
-                          resolve_max_length)
+from w2s.modeling import (ModelSpec, TokenizerMismatchError, check_model_task, check_same_tokenizer, encode_prompts,
+                          load_tokenizer, model_positions, resolve_max_length)
 from w2s.runs import Cache, RunDir, markdown_table
 
 

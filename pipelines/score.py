@@ -12,16 +12,8 @@ from actors.resources import ClusterConfig
 from actors.stages import score_preferences
 from actors.workers import Workers, job_workers
 from w2s.config import StrictModel
-from w2s.modeling import ModelSpec, load_tokenizer, model_positions, resolve_max_length, same_tokenization
+from w2s.modeling import ModelSpec, check_same_tokenizer, model_positions, resolve_max_length
 from w2s.runs import RunDir
-
-# Texts whose token ids every model must agree on before anything is scored.
-TOKENIZER_PROBES = ["Hello, world! 123", "q: zorb color?\na: red.", "  leading spaces and\nnew lines\t."]
-
-
-class TokenizerMismatchError(ValueError):
-    """Models that do not give the same token ids for the same text cannot be compared per token."""
-
 
 class ScoreConfig(StrictModel):
     run_name: str = "score"
@@ -33,17 +25,6 @@ class ScoreConfig(StrictModel):
                                    "aside; None: the models' positions")
     require_same_tokenizer: bool = True
     cluster: ClusterConfig = ClusterConfig()
-
-
-def check_same_tokenizer(models: dict[str, ModelSpec]) -> None:
-    """Compare the tokenizers in this process, before any model is loaded."""
-    tokenizers = {role: load_tokenizer(spec.path, spec.trust_remote_code) for role, spec in models.items()}
-    (first, reference), *others = tokenizers.items()
-    for role, tokenizer in others:
-        for text in TOKENIZER_PROBES:
-            if not same_tokenization(reference, tokenizer, [text]):
-                raise TokenizerMismatchError(f"models {first!r} and {role!r} tokenize {text!r} differently; "
-                                             "per-token scores need one shared tokenizer")
 
 
 def score(config: ScoreConfig, run: RunDir, workers: Workers | None = None) -> dict:

@@ -32,10 +32,9 @@ from pipelines.evaluation import (GenerationConfig, examples_table, gold_evaluat
                                   plot_scores)
 from pipelines.judge import Judging, check_judging, judge_models
 from pipelines.prepare import load_prepare, prepare
-from pipelines.score import check_same_tokenizer
 from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import pgr
-from w2s.modeling import ModelSpec, model_positions, resolve_max_length, weights_fingerprint
+from w2s.modeling import ModelSpec, check_same_tokenizer, model_positions, resolve_max_length, weights_fingerprint
 from w2s.runs import Cache, RunDir, content_hash, markdown_table
 
 REFERENCES = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")

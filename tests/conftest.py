@@ -64,7 +64,8 @@ def _job_in_process(module: str, config: str, cwd: Path, workers, *overrides: st
     from jobs.common import load_config, run_seeds
 
     job = importlib.import_module(f"jobs.{module}")
-    config_class, run_one = {"prepare": ("PrepareConfig", "run_one"), "wspo": ("WSPOConfig", "run_wspo")}[module]
+    config_class, run_one = {"prepare": ("PrepareConfig", "run_one"), "wspo": ("WSPOConfig", "run_wspo"),
+                             "search": ("SearchConfig", "run_search")}[module]
     screen, here = io.StringIO(), os.getcwd()
     os.chdir(cwd)
     try:
@@ -89,6 +90,22 @@ def tiny_prepared(workers, tmp_path_factory) -> TinyPrepared:
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_prepared) -> Path:
     return tiny_prepared.cache
+
+
+@pytest.fixture(scope="session")
+def tiny_guide_models(workers, tiny_cache):
+    """The tiny world's strong base and its weak guiding pair ({strong, tuned, untuned}: ModelSpec), and its
+    held-out prompts."""
+    import pyarrow.parquet as pq
+
+    from pipelines.prepare import load_prepare, prepare
+    from w2s.modeling import ModelSpec
+
+    prepared = prepare(load_prepare(str(ROOT / "configs/tiny.yaml"), str(tiny_cache)), workers=workers)
+    models = {"strong": ModelSpec(path=str(prepared.models["strong_base"])),
+              "tuned": ModelSpec(path=str(prepared.models["weak_aligned"])),
+              "untuned": ModelSpec(path=str(prepared.models["weak_base"]))}
+    return models, pq.read_table(prepared.data / "eval_prompts.parquet")["prompt"].to_pylist()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.score import ScoreConfig, TokenizerMismatchError, score
+from pipelines.score import ScoreConfig, score
+from w2s.modeling import TokenizerMismatchError
 from w2s.modeling import ModelLoadError, ModelSpec
 from w2s.runs import RunDir
 

@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from actors.trainer import LoraSettings, TrainConfig, train
-from pipelines.score import TokenizerMismatchError
 from pipelines.wspo import WSPOConfig, WSPOModels, run_wspo, training_table
 from w2s.losses import wspo_loss
-from w2s.modeling import ModelSpec, load_model, response_logprobs
+from w2s.modeling import ModelSpec, TokenizerMismatchError, load_model, response_logprobs
 from w2s.runs import RunDir
 from w2s.world import World, WorldConfig
 

@@ -160,6 +160,25 @@ def weights_fingerprint(path: str | Path) -> str:
     return content_hash([[str(f.relative_to(path)), file_hash(f)] for f in files])
 
 
+# Texts whose token ids every model must agree on before anything is scored.
+TOKENIZER_PROBES = ["Hello, world! 123", "q: zorb color?\na: red.", "  leading spaces and\nnew lines\t."]
+
+
+class TokenizerMismatchError(ValueError):
+    """Models that do not give the same token ids for the same text cannot be compared per token."""
+
+
+def check_same_tokenizer(models: dict[str, ModelSpec]) -> None:
+    """Compare the tokenizers in this process, before any model is loaded."""
+    tokenizers = {role: load_tokenizer(spec.path, spec.trust_remote_code) for role, spec in models.items()}
+    (first, reference), *others = tokenizers.items()
+    for role, tokenizer in others:
+        for text in TOKENIZER_PROBES:
+            if not same_tokenization(reference, tokenizer, [text]):
+                raise TokenizerMismatchError(f"models {first!r} and {role!r} tokenize {text!r} differently; "
+                                             "per-token scores need one shared tokenizer")
+
+
 def same_tokenization(tokenizer_a, tokenizer_b, probes: list[str]) -> bool:
     """True when both tokenizers give the same ids for every probe text (and the same EOS)."""
     if tokenizer_a.eos_token_id != tokenizer_b.eos_token_id:

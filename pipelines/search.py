@@ -1,0 +1,237 @@
+"""Weak-to-strong search (ALGORITHMS.md section 2) on the embedded world: the strong base, frozen, guided at test
+time by the weak aligned model (tuned) against the weak base (untuned).
+
+    prepared models -> tokenizers compared in the driver (incremental scoring and EFT need one vocabulary)
+                    -> the four reference models, greedy, gold reward (as every job reports them)
+                    -> on model hosts, batches of prompts in flight: plain sampling, Best-of-N, CBS and EFT
+                       (actors.search), at the same temperature and top-k
+                    -> a budget sweep: CBS and Best-of-N at several numbers of rows per prompt
+                    -> gold reward, PGR and strong-model tokens per prompt in metrics.json + report.md
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from actors.resources import ClusterConfig
+from actors.search import Guides, Scoring, eft_batch, search_batch
+from actors.workers import Workers, job_workers
+from pipelines.evaluation import GenerationConfig, gold_evaluate, plot_scores
+from pipelines.prepare import load_prepare, prepare
+from w2s.config import StrictModel, offset_seeds
+from w2s.metrics import gold_scores, pgr
+from w2s.modeling import ModelSpec, TokenizerMismatchError, check_same_tokenizer, end_of_turn_id, load_tokenizer
+from w2s.runs import RunDir, content_hash, markdown_cell, markdown_table
+from w2s.search import BeamShape, Found, Sampling
+from w2s.world import World
+
+REFERENCES = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")
+METHODS = ("sampling", "best_of_n", "cbs", "eft")
+
+
+class SearchConfig(StrictModel):
+    run_name: str = "search"
+    runs_dir: str = "runs"
+    cache_dir: str = Field(".cache/w2s", description="content-hash cache (the prepared models)")
+    prepare: str = Field("configs/prepare.yaml", description="the embedded world whose (cached) models to use")
+    sampling: Sampling = Sampling()
+    cbs: BeamShape = BeamShape()
+    best_of_n: int | None = Field(None, ge=1, le=1024, description="N; None: cbs.w * cbs.k, as many rows per "
+                                  "prompt as CBS (a matched budget)")
+    eft: bool = Field(True, description="also run EFT (one vocabulary only: refused for guides that tokenize "
+                      "otherwise)")
+    eft_beta: float = Field(1.0, gt=0, description="EFT: strong logits + beta * (tuned - untuned) log-probs")
+    budget_sweep: list[tuple[int, int]] = Field([(1, 2), (2, 2), (2, 4)], description="more (w, k) of CBS, each "
+                                                "with cbs.l and beside Best-of-N of w * k rows")
+    scoring: Scoring = Field("incremental", description="incremental: the guides score only each new chunk (their "
+                             "KV cache holds the rest); full: every row's text re-scored from the start")
+    batch_prompts: int = Field(100, ge=1, description="prompts in flight at once (each of w * k rows)")
+    seed: int = 0
+    generation: GenerationConfig = GenerationConfig()  # the reference models' greedy answers
+    seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds)")
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        for w, k in self.budget_sweep:
+            BeamShape(w=w, k=k, l=self.cbs.l)  # the same limits as the main shape
+        return self
+
+    def shapes(self) -> dict[str, BeamShape]:
+        """The main runs: plain sampling, Best-of-N and CBS, as three beam shapes of one search."""
+        n = self.best_of_n or self.cbs.w * self.cbs.k
+        return {"sampling": BeamShape.sampling(), "best_of_n": BeamShape.best_of_n(n), "cbs": self.cbs}
+
+
+def _log(msg: str) -> None:
+    print(f"[search] {msg}", flush=True)
+
+
+def prompt_seeds(seed: int, n: int) -> list[int]:
+    """One sampling seed per prompt (a row of the prompts table), the same for every method."""
+    return [int(content_hash("search-seed", seed, i)[:8], 16) for i in range(n)]
+
+
+def check_guides(models: dict[str, ModelSpec], scoring: Scoring, eft: bool) -> bool:
+    """Whether the guides read the strong model's token ids as they are; incremental scoring and EFT need it, and
+    are refused here, before any model loads, when they do not."""
+    try:
+        check_same_tokenizer(models)
+    except TokenizerMismatchError as err:
+        if eft:
+            raise TokenizerMismatchError(f"EFT adds the guides' log-probs to the strong model's logits token by "
+                                         f"token, so it needs one vocabulary: {err}. Set eft: false") from None
+        if scoring == "incremental":
+            raise TokenizerMismatchError(f"incremental scoring reads the strong model's token ids with the guides: "
+                                         f"{err}. Set scoring: full (the guides re-score the text)") from None
+        return False
+    return True
+
+
+def run_search(config: SearchConfig, run: RunDir, seed: int = 0, workers: Workers | None = None) -> dict:
+    """One run at run seed `seed`. `workers`: the calling job's hosts (None: started here)."""
+    config = offset_seeds(config, seed)
+    run.claim(config)
+    with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
+        prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed), workers=workers)
+        run.link("data", prepared.data)
+        models = {"strong": ModelSpec(path=str(prepared.models["strong_base"])),
+                  "tuned": ModelSpec(path=str(prepared.models["weak_aligned"])),
+                  "untuned": ModelSpec(path=str(prepared.models["weak_base"]))}
+        shared = check_guides(models, config.scoring, config.eft)
+        prompts = pq.read_table(prepared.data / "eval_prompts.parquet")
+        references, _ = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", prepared.models,
+                                      config.generation, workers)
+        run.update_metrics({"models": references})
+        tokenizer = load_tokenizer(models["strong"].path)
+        guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
+        results, columns = _run_methods(config, guides, prompts, prepared.world)
+    return _report(config, references, results, prompts, columns, run)
+
+
+def _run_methods(config: SearchConfig, guides: Guides, prompts: pa.Table, world: World):
+    """Every method and budget on the held-out prompts: ({name: result}, {column: values} of the examples)."""
+    texts, seeds = prompts["prompt"].to_pylist(), prompt_seeds(config.seed, prompts.num_rows)
+    rows = prompts.to_pylist()
+    runs = dict(config.shapes())
+    for w, k in config.budget_sweep:
+        runs[f"cbs_{w}x{k}"] = BeamShape(w=w, k=k, l=config.cbs.l)
+        runs[f"best_of_{w * k}"] = BeamShape.best_of_n(w * k)
+    results, columns = {}, {}
+    for name, shape in [*runs.items(), *([("eft", None)] if config.eft else [])]:
+        start = time.perf_counter()
+        found = _batched(texts, seeds, config.batch_prompts, name, lambda p, s: (
+            eft_batch(guides, p, s, config.sampling, config.eft_beta) if shape is None
+            else search_batch(guides, p, s, shape, config.sampling, config.scoring)))
+        seconds = time.perf_counter() - start
+        answers = guides.tokenizer.batch_decode([f.tokens for f in found], skip_special_tokens=True)
+        gold = [world.gold_reward(row, answer) for row, answer in zip(rows, answers)]
+        tokens = sum(f.strong_tokens for f in found)
+        results[name] = {**gold_scores([{"kind": r["kind"], "gold_reward": g} for r, g in zip(rows, gold)]),
+                         "strong_tokens_per_prompt": tokens / len(found), "seconds": round(seconds, 1),
+                         "strong_tokens_per_second": round(tokens / seconds, 1),
+                         "guide_score": float(np.nanmean([f.score for f in found])) if shape else None,
+                         **({"w": shape.w, "k": shape.k, "l": shape.l} if shape else {"beta": config.eft_beta})}
+        _log(f"{name}: total gold {results[name]['total']:.3f}, {results[name]['strong_tokens_per_prompt']:.0f} "
+             f"strong tokens per prompt, {seconds:.1f}s")
+        columns.update({f"{name}_response": answers, f"{name}_gold": gold,
+                        f"{name}_guide_score": [f.score for f in found]})
+    return results, columns
+
+
+def _batched(prompts: list[str], seeds: list[int], batch: int, name: str, search) -> list[Found]:
+    found = []
+    for i in range(0, len(prompts), batch):
+        found += search(prompts[i:i + batch], seeds[i:i + batch])
+        print(f"\r[search] {name}: {len(found)}/{len(prompts)} prompts", end="", flush=True)
+    print(flush=True)
+    return found
+
+
+def _report(config: SearchConfig, references: dict, results: dict, prompts: pa.Table, columns: dict,
+            run: RunDir) -> dict:
+    weak, ceiling = references["weak_aligned"]["total"], references["strong_ceiling"]["total"]
+    for result in results.values():
+        result["pgr"] = pgr(result["total"], weak, ceiling)
+    methods = {name: results[name] for name in METHODS if name in results}
+    sweep = [{"rows_per_prompt": w * k, "w": w, "k": k,
+              **{f"cbs_{key}": results[f"cbs_{w}x{k}"][key] for key in ("total", "strong_tokens_per_prompt")},
+              **{f"best_of_n_{key}": results[f"best_of_{w * k}"][key] for key in ("total", "strong_tokens_per_prompt")}}
+             for w, k in config.budget_sweep]
+    sweep.append({"rows_per_prompt": config.cbs.w * config.cbs.k, "w": config.cbs.w, "k": config.cbs.k,
+                  **{f"cbs_{k}": results["cbs"][k] for k in ("total", "strong_tokens_per_prompt")},
+                  **{f"best_of_n_{k}": results["best_of_n"][k] for k in ("total", "strong_tokens_per_prompt")}})
+    sweep.append({"rows_per_prompt": 1, "w": 1, "k": 1,  # plain sampling: both at one row per prompt
+                  **{f"{m}_{k}": results["sampling"][k] for m in ("cbs", "best_of_n")
+                     for k in ("total", "strong_tokens_per_prompt")}})
+    sweep.sort(key=lambda r: r["rows_per_prompt"])
+    examples = prompts
+    for name, values in columns.items():
+        examples = examples.append_column(name, pa.array(values))
+    run.write_examples("search_generations", examples)
+    metrics = run.update_metrics({"methods": methods, "budget_sweep": sweep,
+                                  "settings": {"sampling": config.sampling.model_dump(), "scoring": config.scoring,
+                                               "best_of_n": config.shapes()["best_of_n"].k}})
+    plots = run.path / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_scores({**references, **methods}, plots / "gold_reward.png")
+    plot_budget(sweep, references, plots / "budget.png")
+    run.write_report("Weak-to-strong search on the embedded world", _sections(config, references, methods, sweep,
+                                                                              examples))
+    return metrics
+
+
+def method_table(references: dict, methods: dict) -> list[dict]:
+    table = [{"model": n, **references[n], "pgr": None, "strong_tokens_per_prompt": None} for n in REFERENCES]
+    return table + [{"model": name, **{k: r[k] for k in ("helpful", "harmless", "total", "pgr",
+                                                          "strong_tokens_per_prompt")}} for name, r in methods.items()]
+
+
+def _sections(config: SearchConfig, references: dict, methods: dict, sweep: list[dict], examples: pa.Table):
+    c = config.cbs
+    shown = ["sampling", "best_of_n", "cbs", *(["eft"] if "eft" in methods else [])]
+    rows = examples.slice(0, 6).to_pylist()
+    return [
+        f"The strong base, frozen, samples (temperature {config.sampling.temperature}, top-k {config.sampling.top_k}, "
+        f"at most {config.sampling.max_new_tokens} new tokens); the weak aligned model against the weak base scores "
+        f"its candidates (summed log-ratio). CBS keeps W={c.w} of W*K={c.w * c.k} candidates every L={c.l} tokens; "
+        f"Best-of-N samples N={methods['best_of_n']['w'] * methods['best_of_n']['k']} whole responses and keeps the "
+        f"best; EFT samples from strong logits + {config.eft_beta} x the guides' log-ratio, a token at a time. The "
+        "reference models answer greedily. PGR on total, between weak_aligned and strong_ceiling.",
+        markdown_table(method_table(references, methods)),
+        "Budget: gold reward (total) against the strong-model tokens sampled per prompt, CBS and Best-of-N at the "
+        "same number of rows per prompt.\n\n" + markdown_table(sweep),
+        "![gold reward](plots/gold_reward.png)\n\n![budget](plots/budget.png)",
+        "Example responses:\n\n" + markdown_table([{"kind": r["kind"], "prompt": markdown_cell(r["prompt"]),
+                                                     **{m: markdown_cell(r[f"{m}_response"]) for m in shown}}
+                                                    for r in rows]),
+    ]
+
+
+def plot_budget(sweep: list[dict], references: dict, path: Path) -> None:
+    """Gold reward (total) against strong tokens per prompt: CBS and Best-of-N, with the reference models dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for method, style in (("cbs", "o-"), ("best_of_n", "s--")):
+        ax.plot([r[f"{method}_strong_tokens_per_prompt"] for r in sweep], [r[f"{method}_total"] for r in sweep],
+                style, label="CBS" if method == "cbs" else "Best-of-N")
+    for name, color in (("weak_aligned", "tab:green"), ("strong_base", "tab:gray"), ("strong_ceiling", "tab:red")):
+        ax.axhline(references[name]["total"], color=color, linestyle=":", label=f"{name} (greedy)")
+    ax.set_xscale("log")
+    ax.set_xlabel("strong-model tokens sampled per prompt")
+    ax.set_ylabel("gold reward (total)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,207 @@
+"""Weak-to-strong search: the beam bookkeeping (pure), CBS's special cases against transformers' own sampling,
+incremental against full-prefix scoring, EFT's vocabulary check, and the job on the tiny world."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from w2s.search import BeamShape, Chunk, chunk_beam_search, select_parents
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_select_parents_keeps_the_best_w_of_each_prompt_and_copies_them_k_times():
+    scores = np.array([0.1, 0.9, 0.5, 0.9,   # prompt 0: rows 1 and 3 tie at the top: the lower index first
+                       3.0, 1.0, 2.0, 0.0])  # prompt 1: rows 4 and 6
+    assert select_parents(scores, 2, w=2, k=2).tolist() == [1, 3, 1, 3, 4, 6, 4, 6]
+    assert select_parents(scores, 2, w=1, k=4).tolist() == [1, 1, 1, 1, 4, 4, 4, 4]
+
+
+class _Toy:
+    """A strong model whose row at position i samples the token 10 + i at each step, or its end (token 0) at the
+    steps `ends` gives it; a finished row samples nothing."""
+
+    def __init__(self, n_rows: int, ends: set[tuple[int, int]] = frozenset()):
+        self.ends, self.step, self.calls = ends, 0, []
+        self.finished = np.zeros(n_rows, dtype=bool)
+
+    def propose(self, parents, n_tokens):
+        self.calls.append((None if parents is None else parents.tolist(), n_tokens))
+        if parents is not None:
+            self.finished = self.finished[parents]
+        tokens = []
+        for i, done in enumerate(self.finished):
+            ends = (i, self.step) in self.ends
+            tokens.append([] if done else [0] if ends else [10 + i] * n_tokens)
+            self.finished[i] |= ends
+        self.step += 1
+        return Chunk(tokens, self.finished.copy())
+
+
+def _sum(parents, chunk, rows, complete, previous):
+    return np.array([float(sum(r)) for r in rows])
+
+
+def _finished_first(parents, chunk, rows, complete, previous):
+    return np.array([100.0 if 0 in r else float(sum(r)) for r in rows])
+
+
+def test_cbs_keeps_the_best_w_and_returns_the_best_of_the_final_pool():
+    # one prompt, W=1, K=2: row 0 ends at once with a low score and is dropped; the kept row is copied and grows
+    toy = _Toy(2, ends={(0, 0)})
+    [found] = chunk_beam_search(1, BeamShape(w=1, k=2, l=2), 6, toy.propose, _sum)
+    assert toy.calls == [(None, 2), ([1, 1], 2), ([1, 1], 2)]
+    assert found.tokens == [11] * 6 and not found.finished
+    assert found.strong_tokens == 1 + 2 + 4 + 4  # row 0 sampled its end only; then two rows of 2 tokens, twice
+
+
+def test_a_finished_candidate_stays_in_the_pool():
+    # the descendant at position 0 ends at step 1; scored best, it is kept (copied K times) and returned
+    toy = _Toy(2, ends={(0, 1)})
+    [found] = chunk_beam_search(1, BeamShape(w=1, k=2, l=2), 6, toy.propose, _finished_first)
+    assert toy.calls == [(None, 2), ([1, 1], 2), ([0, 0], 2)]
+    assert found.tokens == [11, 11, 0] and found.finished and found.strong_tokens == 4 + 3
+    # scored below the unfinished one, it is dropped
+    toy = _Toy(2, ends={(0, 1)})
+    [found] = chunk_beam_search(1, BeamShape(w=1, k=2, l=2), 6, toy.propose, _sum)
+    assert found.tokens == [11] * 6
+
+
+def test_best_of_n_and_sampling_are_one_chunk():
+    toy = _Toy(3)
+    [found] = chunk_beam_search(1, BeamShape.best_of_n(3), 5, toy.propose, _sum)
+    assert toy.calls == [(None, 5)] and found.tokens == [12] * 5 and found.strong_tokens == 15
+
+
+# ---- on the tiny world's models, hosted by the tests' shared Ray workers -------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_search(workers, tiny_guide_models):
+    """The tiny world's strong base and its guides (weak aligned, weak base) on hosts, its held-out prompts."""
+    from actors.search import Guides
+    from w2s.modeling import end_of_turn_id, load_tokenizer
+
+    models, prompts = tiny_guide_models
+    tokenizer = load_tokenizer(models["strong"].path)
+    return Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), True), models, prompts[:8]
+
+
+def _local(spec):
+    from w2s.modeling import load_model
+
+    return load_model(spec)[0]
+
+
+def _generate_ids(model, tokenizer, prompt: str, n: int, seed: int, sampling) -> list[list[int]]:
+    """transformers' own sampling of `n` copies of `prompt` after torch.manual_seed(seed): each row's new token ids
+    up to its end of turn (included)."""
+    import torch
+
+    from w2s.modeling import encode_prompts
+
+    torch.manual_seed(seed)
+    ids = torch.tensor(encode_prompts(tokenizer, [prompt] * n))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                         temperature=sampling.temperature, top_k=sampling.top_k,
+                         max_new_tokens=sampling.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    rows = out[:, ids.shape[1]:].tolist()
+    end = tokenizer.eos_token_id
+    return [row[:row.index(end) + 1] if end in row else row for row in rows]
+
+
+def _ratio(tuned, untuned, tokenizer, prompt: str, rows: list[list[int]]) -> list[float]:
+    """The guides' summed log-ratio of each whole response (end of turn appended where it was cut), by the scoring
+    and training code's own forward pass (w2s.modeling.token_logprobs)."""
+    from w2s.modeling import encode_prompts, pad_pairs, token_logprobs
+
+    end = tokenizer.eos_token_id
+    prompt_ids = encode_prompts(tokenizer, [prompt])[0]
+    batch = pad_pairs([(prompt_ids, r if r[-1:] == [end] else r + [end]) for r in rows], tokenizer.pad_token_id, 96)
+    return (token_logprobs(tuned, batch).sum(1) - token_logprobs(untuned, batch).sum(1)).tolist()
+
+
+def test_sampling_and_best_of_n_are_cbs_special_cases_on_the_same_seed(tiny_search):
+    """W=K=1 samples what transformers' `generate` samples for each prompt alone; W=1, K=N returns the best, by the
+    guides' summed log-ratio (end of turn included), of `generate`'s N samples of the prompt alone."""
+    from actors.search import search_batch
+    from w2s.search import Sampling
+
+    guides, models, prompts = tiny_search
+    sampling, seeds = Sampling(max_new_tokens=20), [7 + i for i in range(len(prompts))]
+    strong, tuned, untuned = (_local(models[r]) for r in ("strong", "tuned", "untuned"))
+    tokenizer = guides.tokenizer
+    plain = search_batch(guides, prompts, seeds, BeamShape.sampling(), sampling)
+    best = search_batch(guides, prompts, seeds, BeamShape.best_of_n(4), sampling)
+    for i, prompt in enumerate(prompts):
+        assert plain[i].tokens == _generate_ids(strong, tokenizer, prompt, 1, seeds[i], sampling)[0]
+        rows = _generate_ids(strong, tokenizer, prompt, 4, seeds[i], sampling)
+        ratio = _ratio(tuned, untuned, tokenizer, prompt, rows)
+        assert best[i].tokens == rows[int(np.argmax(ratio))]
+        assert best[i].score == pytest.approx(max(ratio), abs=1e-4)
+    assert len({tuple(f.tokens) for f in plain}) > 1  # really sampled
+
+
+def test_incremental_and_full_prefix_scoring_agree(tiny_search):
+    from actors.search import search_batch
+    from w2s.search import Sampling
+
+    guides, _, prompts = tiny_search
+    seeds, shape, sampling = list(range(len(prompts))), BeamShape(w=2, k=3, l=3), Sampling(max_new_tokens=16)
+    incremental = search_batch(guides, prompts, seeds, shape, sampling, "incremental")
+    full = search_batch(guides, prompts, seeds, shape, sampling, "full")
+    assert [f.tokens for f in incremental] == [f.tokens for f in full]
+    assert [f.score for f in incremental] == pytest.approx([f.score for f in full], abs=1e-4)
+
+
+def test_eft_and_incremental_scoring_refuse_guides_with_another_tokenizer(checkpoints, mismatched_checkpoint):
+    from w2s.modeling import TokenizerMismatchError
+    from pipelines.search import check_guides
+    from w2s.modeling import ModelSpec
+
+    models = {"strong": ModelSpec(path=str(mismatched_checkpoint)), "tuned": ModelSpec(path=str(checkpoints["weak"])),
+              "untuned": ModelSpec(path=str(checkpoints["weak"]))}
+    with pytest.raises(TokenizerMismatchError, match="EFT .* one vocabulary.*'strong' and 'tuned'.*eft: false"):
+        check_guides(models, "full", eft=True)
+    with pytest.raises(TokenizerMismatchError, match="incremental scoring.*scoring: full"):
+        check_guides(models, "incremental", eft=False)
+    assert check_guides(models, "full", eft=False) is False
+    same = {**models, "strong": ModelSpec(path=str(checkpoints["strong"]))}
+    assert check_guides(same, "incremental", eft=True) is True
+
+
+def test_search_job_reports_every_method_at_matched_budgets(workers, tiny_cache, tmp_path):
+    from tests.conftest import _job_in_process
+
+    output = _job_in_process("search", str(ROOT / "configs/tiny_search.yaml"), ROOT, workers,
+                             f"runs_dir={tmp_path}", f"cache_dir={tiny_cache}")
+    run = tmp_path / "tiny_search"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"sampling", "best_of_n", "cbs", "eft"}
+    for result in metrics["methods"].values():
+        assert {"helpful", "harmless", "total", "pgr", "strong_tokens_per_prompt"} <= set(result)
+    methods = metrics["methods"]
+    assert methods["best_of_n"]["k"] == methods["cbs"]["w"] * methods["cbs"]["k"]  # matched rows per prompt
+    assert methods["sampling"]["strong_tokens_per_prompt"] < methods["best_of_n"]["strong_tokens_per_prompt"]
+    assert [r["rows_per_prompt"] for r in metrics["budget_sweep"]] == [1, 2, 4]
+    examples = pq.read_table(run / "examples" / "search_generations.parquet")
+    assert {"cbs_response", "best_of_n_gold", "eft_response"} <= set(examples.column_names)
+    assert (run / "plots" / "budget.png").stat().st_size > 0
+    assert "Budget: CBS and Best-of-N" in output and "| cbs " in (run / "report.md").read_text()
+
+
+def test_the_official_style_loop_gives_the_pipelines_responses(workers, tiny_guide_models):
+    """The benchmark's two sides, one prompt at a time with full re-scoring against batched and incremental, sample
+    and select the same responses from the same seeds."""
+    from benchmarks.search import compare
+    from w2s.search import Sampling
+
+    models, prompts = tiny_guide_models
+    paths = {role: Path(spec.path) for role, spec in models.items()}
+    result = compare(prompts[:6], [5, 6, 7, 8, 9, 10], paths, BeamShape(w=2, k=2, l=3), Sampling(max_new_tokens=12),
+                     batch=6, workers=workers)
+    assert result["same_responses"] == 1.0
+    assert result["pipeline_tokens_per_s"] > 0 and result["official_tokens_per_s"] > 0
