@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/prepare.yaml
 
-.PHONY: setup demo wspo real-model test bench gpu-smoke clean
+.PHONY: setup demo wspo serve real-model test bench gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: setup
 wspo: setup
 	$(PY) -m jobs.wspo --config configs/wspo.yaml
 
+# The strong base guided by the weak pair (CBS) over an OpenAI-compatible API on 127.0.0.1:8000, after `make demo`.
+serve: setup
+	$(PY) -m jobs.serve --config configs/serve.yaml
+
 # Converts the packaged SmolLM2-135M-Instruct into a transformers checkpoint (.cache/models/, about 540 MB).
 real-model: setup
 	$(PY) -m jobs.smollm2
@@ -49,6 +53,7 @@ bench: $(VENV)/.bench
 	$(PY) -m benchmarks.wspo
 	$(PY) -m benchmarks.trl_dpo
 	$(PY) -m benchmarks.scaling
+	$(PY) -m benchmarks.search
 
 # The GPU path on one CUDA GPU, a few minutes (make setup on a GPU machine installs torch's CUDA build): tiny WSPO,
 # one MACPO round and SmolLM2 on the GPU; prints its checks and tokens/s, writes bench_results/gpu_smoke.json.

@@ -164,16 +164,20 @@ def test_offset_seeds_shifts_every_seed_at_any_depth():
 def test_every_shipped_config_loads_as_its_jobs_config():
     """An example config that no longer matches its job's fields would fail only when a user runs it."""
     from pipelines.judge import EvaluateConfig
+    from jobs.serve import load_serve_file
     from pipelines.macpo import MACPOConfig
     from pipelines.score import ScoreConfig
+    from pipelines.search import SearchConfig
     from pipelines.wspo import WSPOConfig
 
     jobs = {"prepare": PrepareConfig, "tiny": PrepareConfig, "score": ScoreConfig, "evaluate": EvaluateConfig,
             "wspo": WSPOConfig, "tiny_wspo": WSPOConfig, "macpo": MACPOConfig, "tiny_macpo": MACPOConfig,
-            "macpo_own": MACPOConfig}
+            "macpo_own": MACPOConfig, "search": SearchConfig, "tiny_search": SearchConfig}
     shipped = sorted(p.stem for p in Path("configs").glob("*.yaml"))
-    assert shipped == sorted(jobs), "a config without its job here, or one listed that is gone"
+    assert shipped == sorted([*jobs, "serve"]), "a config without its job here, or one listed that is gone"
     for name, cls in jobs.items():
         load_config(cls, f"configs/{name}.yaml")
+    http, served = load_serve_file("configs/serve.yaml")  # a Ray Serve config file: its application's args
+    assert http["host"] == "127.0.0.1" and served.strong.path.endswith("strong_base")
     own = load_config(MACPOConfig, "configs/macpo_own.yaml")
     assert own.prepare is None and own.teachers[0].model.path.endswith("weak_base")

@@ -36,23 +36,36 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
     Errors name the file and the dotted field, e.g. `configs/x.yaml: train.lr: Input should be > 0`.
     """
-    data: dict = {}
-    source = str(path) if path else "<defaults>"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
+    data = read_yaml(path) if path is not None else {}
+    return validated(cls, apply_overrides(data, overrides), str(path) if path else "<defaults>")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping a YAML config file holds, or a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """`key.sub=value` overrides (values read as YAML) set in `data`, which is returned."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def validated(cls: type[T], data: dict, source: str) -> T:
+    """`data` validated into `cls`, or a ConfigError naming `source` and every wrong field."""
     try:
         return cls.model_validate(data)
     except ValidationError as err:
