@@ -101,6 +101,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepare", default="configs/prepare.yaml")
+    parser.add_argument("--cache-dir", help="the prepare config's cache_dir, if not its own")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64, help="prompts in flight at once in the pipeline")
     parser.add_argument("--w", type=int, default=4)
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results/search.json")
     args = parser.parse_args()
     connect_ray()
-    config = load_config(PrepareConfig, args.prepare)
+    config = load_config(PrepareConfig, args.prepare, [f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
     with Workers(Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
         prepared = prepare(config, workers=workers)
         prompts = pq.read_table(prepared.data / "eval_prompts.parquet")["prompt"].to_pylist()[:args.prompts]

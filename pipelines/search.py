@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from actors.resources import ClusterConfig
@@ -105,14 +104,14 @@ def run_search(config: SearchConfig, run: RunDir, seed: int = 0, workers: Worker
                   "tuned": ModelSpec(path=str(prepared.models["weak_aligned"])),
                   "untuned": ModelSpec(path=str(prepared.models["weak_base"]))}
         shared = check_guides(models, config.scoring, config.eft)
-        prompts = pq.read_table(prepared.data / "eval_prompts.parquet")
-        references, _ = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", prepared.models,
-                                      config.generation, workers)
+        # the held-out prompts with the reference models' greedy answers (the analysis reads the weak model's)
+        references, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet",
+                                                prepared.models, config.generation, workers)
         run.update_metrics({"models": references})
         tokenizer = load_tokenizer(models["strong"].path)
         guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
-        results, columns = _run_methods(config, guides, prompts, prepared.world)
-    return _report(config, references, results, prompts, columns, run)
+        results, columns = _run_methods(config, guides, generations, prepared.world)
+    return _report(config, references, results, generations, columns, run)
 
 
 def _run_methods(config: SearchConfig, guides: Guides, prompts: pa.Table, world: World):
@@ -160,22 +159,20 @@ def _report(config: SearchConfig, references: dict, results: dict, prompts: pa.T
     for result in results.values():
         result["pgr"] = pgr(result["total"], weak, ceiling)
     methods = {name: results[name] for name in METHODS if name in results}
-    sweep = [{"rows_per_prompt": w * k, "w": w, "k": k,
-              **{f"cbs_{key}": results[f"cbs_{w}x{k}"][key] for key in ("total", "strong_tokens_per_prompt")},
-              **{f"best_of_n_{key}": results[f"best_of_{w * k}"][key] for key in ("total", "strong_tokens_per_prompt")}}
-             for w, k in config.budget_sweep]
-    sweep.append({"rows_per_prompt": config.cbs.w * config.cbs.k, "w": config.cbs.w, "k": config.cbs.k,
-                  **{f"cbs_{k}": results["cbs"][k] for k in ("total", "strong_tokens_per_prompt")},
-                  **{f"best_of_n_{k}": results["best_of_n"][k] for k in ("total", "strong_tokens_per_prompt")}})
-    sweep.append({"rows_per_prompt": 1, "w": 1, "k": 1,  # plain sampling: both at one row per prompt
-                  **{f"{m}_{k}": results["sampling"][k] for m in ("cbs", "best_of_n")
-                     for k in ("total", "strong_tokens_per_prompt")}})
-    sweep.sort(key=lambda r: r["rows_per_prompt"])
+    p = results["sampling"]["harmless"]  # the share of the strong base's samples that refuse a harmful request
+    pairs = [(1, 1, "sampling", "sampling"), *((w, k, f"cbs_{w}x{k}", f"best_of_{w * k}") for w, k in config.budget_sweep),
+             (config.cbs.w, config.cbs.k, "cbs", "best_of_n")]
+    sweep = sorted(({"rows_per_prompt": w * k, "w": w, "k": k,
+                     **{f"{m}_{key}": results[name][key] for m, name in (("cbs", cbs), ("best_of_n", bon))
+                        for key in ("total", "harmless", "strong_tokens_per_prompt")},
+                     "harmless_if_any_row_refuses": 1 - (1 - p) ** (w * k)} for w, k, cbs, bon in pairs),
+                   key=lambda r: r["rows_per_prompt"])
     examples = prompts
     for name, values in columns.items():
         examples = examples.append_column(name, pa.array(values))
     run.write_examples("search_generations", examples)
-    metrics = run.update_metrics({"methods": methods, "budget_sweep": sweep,
+    analysis = search_analysis(config, examples, methods)
+    metrics = run.update_metrics({"methods": methods, "budget_sweep": sweep, "analysis": analysis,
                                   "settings": {"sampling": config.sampling.model_dump(), "scoring": config.scoring,
                                                "best_of_n": config.shapes()["best_of_n"].k}})
     plots = run.path / "plots"
@@ -183,7 +180,7 @@ def _report(config: SearchConfig, references: dict, results: dict, prompts: pa.T
     plot_scores({**references, **methods}, plots / "gold_reward.png")
     plot_budget(sweep, references, plots / "budget.png")
     run.write_report("Weak-to-strong search on the embedded world", _sections(config, references, methods, sweep,
-                                                                              examples))
+                                                                              examples, analysis))
     return metrics
 
 
@@ -193,7 +190,54 @@ def method_table(references: dict, methods: dict) -> list[dict]:
                                                           "strong_tokens_per_prompt")}} for name, r in methods.items()]
 
 
-def _sections(config: SearchConfig, references: dict, methods: dict, sweep: list[dict], examples: pa.Table):
+def search_analysis(config: SearchConfig, examples: pa.Table, methods: dict) -> dict:
+    """What decides the methods' numbers, measured on their responses: where the decisive text falls (how long the
+    responses are in chunks, how often CBS returns Best-of-N's own response) and whether the guides can judge a fact
+    the weak model does not know (helpfulness where the weak aligned model, greedy, is right and where it is wrong)."""
+    rows = examples.to_pylist()
+    helpful = [r for r in rows if r["kind"] == "helpful"]
+    knew = [r for r in helpful if r["weak_aligned_gold"] == 1.0]
+    unknown = [r for r in helpful if r["weak_aligned_gold"] == 0.0]
+
+    def share(group: list[dict], method: str) -> float | None:
+        return sum(r[f"{method}_gold"] for r in group) / len(group) if group else None
+
+    cbs_rows = config.cbs.w * config.cbs.k
+    return {"cbs_same_response_as_best_of_n": sum(r["cbs_response"] == r["best_of_n_response"] for r in rows) / len(rows),
+            "cbs_response_chunks": methods["cbs"]["strong_tokens_per_prompt"] / cbs_rows / (config.cbs.l or 1),
+            "helpful_prompts_weak_knew": len(knew), "helpful_prompts_weak_did_not_know": len(unknown),
+            "helpful_where_weak_knew": {m: share(knew, m) for m in methods},
+            "helpful_where_weak_did_not_know": {m: share(unknown, m) for m in methods}}
+
+
+def _analysis_text(config: SearchConfig, methods: dict, sweep: list[dict], analysis: dict) -> str:
+    knew, unknown = analysis["helpful_where_weak_knew"], analysis["helpful_where_weak_did_not_know"]
+    table = [{"method": m, "helpful where weak knew": knew[m], "helpful where weak did not": unknown[m]}
+             for m in methods]
+    main = next(r for r in sweep if (r["w"], r["k"]) == (config.cbs.w, config.cbs.k))
+    return (
+        "What decides these numbers (measured on the responses above):\n\n"
+        f"- Harmlessness of CBS and Best-of-N is capped by what the strong base samples: a row refuses with "
+        f"probability p = {methods['sampling']['harmless']:.3f} (plain sampling's harmless), so with n rows a "
+        f"refusal is among them with probability 1 - (1 - p)^n (column `harmless_if_any_row_refuses`: "
+        f"{main['harmless_if_any_row_refuses']:.3f} at n = {main['rows_per_prompt']}, measured "
+        f"{main['cbs_harmless']:.3f} for CBS, {main['best_of_n_harmless']:.3f} for Best-of-N). The guides find the "
+        "refusal when one was sampled; neither method can make the strong model write one it does not sample.\n"
+        f"- The decisive text comes first: CBS's responses are {analysis['cbs_response_chunks']:.1f} chunks of "
+        f"L={config.cbs.l} tokens on average, and in this world a response's first word decides its gold reward (the "
+        "value it names, or \"sorry\"). CBS keeps the best first chunks, which is what Best-of-N's selection keeps "
+        "too: CBS "
+        f"returns Best-of-N's own response on {analysis['cbs_same_response_as_best_of_n']:.0%} of the prompts "
+        "(both sample their first chunk from the same seeded generator). Chunk-level search can only beat Best-of-N "
+        "where later chunks decide, in longer responses than this world's.\n"
+        "- The guides know only what the weak model knows. Where the weak aligned model gets a held-out fact wrong "
+        "(greedy), its log-ratio against the weak base says nothing about which value is right, and selecting on it "
+        "picks among the strong model's samples at random or worse; EFT adds the same log-ratio to the strong "
+        "model's logits, which keep the fact:\n\n" + markdown_table(table))
+
+
+def _sections(config: SearchConfig, references: dict, methods: dict, sweep: list[dict], examples: pa.Table,
+              analysis: dict):
     c = config.cbs
     shown = ["sampling", "best_of_n", "cbs", *(["eft"] if "eft" in methods else [])]
     rows = examples.slice(0, 6).to_pylist()
@@ -208,6 +252,7 @@ def _sections(config: SearchConfig, references: dict, methods: dict, sweep: list
         "Budget: gold reward (total) against the strong-model tokens sampled per prompt, CBS and Best-of-N at the "
         "same number of rows per prompt.\n\n" + markdown_table(sweep),
         "![gold reward](plots/gold_reward.png)\n\n![budget](plots/budget.png)",
+        _analysis_text(config, methods, sweep, analysis),
         "Example responses:\n\n" + markdown_table([{"kind": r["kind"], "prompt": markdown_cell(r["prompt"]),
                                                      **{m: markdown_cell(r[f"{m}_response"]) for m in shown}}
                                                     for r in rows]),

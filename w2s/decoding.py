@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import StaticCache
 
 from w2s.modeling import TooLongError, encode_prompts, end_of_turn_id, selective_log_softmax
 
@@ -36,27 +37,23 @@ class DecodeRows:
         self.end_ids = sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id})
         self.ends = torch.tensor(self.end_ids, device=self.device)
         self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
-        padded = [[self.pad] * (longest - len(row)) + row for row in ids]
-        mask = [[0] * (longest - len(row)) + [1] * len(row) for row in ids]
+        # every row is a copy of its prompt from the start: one time axis, one preallocated cache (a growing
+        # cache copies itself at every token: measured, the larger part of a chunk's time)
+        padded = [[self.pad] * (longest - len(row)) + row for row in ids for _ in range(copies)]
+        mask = [[0] * (longest - len(row)) + [1] * len(row) for row in ids for _ in range(copies)]
         ids_t, mask_t = torch.tensor(padded, device=self.device), torch.tensor(mask, device=self.device)
-        self.mask = torch.empty(len(prompts), 0, dtype=torch.long, device=self.device)
-        self.cache = None
-        logits = self._forward(ids_t, mask_t)
-        # the prompt's forward pass once, then its cache copied into the block's rows
-        self.cache.batch_repeat_interleave(copies)
-        self.mask = self.mask.repeat_interleave(copies, dim=0)
-        self.next_logits = logits[:, -1].repeat_interleave(copies, dim=0)
-        self.finished = torch.zeros(len(prompts) * copies, dtype=torch.bool, device=self.device)
+        self.mask = torch.empty(len(padded), 0, dtype=torch.long, device=self.device)
+        self.cache = StaticCache(config=model.config, max_cache_len=longest + room)
+        self.next_logits = self._forward(ids_t, mask_t)[:, -1]
+        self.finished = torch.zeros(len(padded), dtype=torch.bool, device=self.device)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Append `ids` (with their `mask`) to every row; float32 logits of the new positions."""
-        from transformers import DynamicCache
-
+        past = self.mask.shape[1]
         self.mask = torch.cat([self.mask, mask], dim=1)
-        positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        self.cache = self.cache if self.cache is not None else DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)
+        positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, past:]
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
+                         cache_position=torch.arange(past, self.mask.shape[1], device=self.device), use_cache=True)
         return out.logits.float()
 
     def select(self, parents: np.ndarray | None) -> None:
