@@ -1,6 +1,6 @@
 """Load test of the guided-decoding server: N concurrent clients on loopback, bounded in requests and seconds.
 
-    python -m benchmarks.serve_load [--config configs/serve.yaml] [--clients 16] [--requests 200] [--seconds 120]
+    python -m benchmarks.serve_load [--config configs/serve.yaml] [--clients 1 4 16 64] [--requests 200] [--seconds 120]
 
 Starts the server of the Serve config file (as `python -m jobs.serve` does), then `clients` threads post
 /v1/completions requests (the world's held-out prompts, in turn) until `requests` are sent or `seconds` pass;
@@ -94,11 +94,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/serve.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an application arg, e.g. --set strong.path=/ckpt/strong (repeatable)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--requests", type=int, default=200, help="per number of clients")
     parser.add_argument("--seconds", type=float, default=120, help="per number of clients")
     args = parser.parse_args()
-    http, config = load_serve_file(args.config)
+    http, config = load_serve_file(args.config, args.overrides)
     connect_ray()
     serve.start(http_options=http)
     serve.run(build_app(config.model_dump()), name="w2s-cbs", route_prefix="/")

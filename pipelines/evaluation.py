@@ -107,24 +107,28 @@ def plot_scores(scores: dict, path: Path, errors: dict | None = None) -> None:
     plt.close(fig)
 
 
-def plot_lines(xs: list, series: dict[str, tuple], references: dict[str, tuple[float, str]],
+def plot_lines(xs: list | dict[str, list], series: dict[str, tuple], references: dict[str, tuple[float, str]],
                xlabel: str, path: Path, log_x: bool = False) -> None:
     """Gold reward against `xs`: one line per series `{label: (ys, matplotlib style[, standard deviations])}`
-    (error bars when given), and a dotted horizontal line per reference model `{label: (score, colour)}`."""
+    (error bars when given), and a dotted horizontal line per reference model `{label: (score, colour)}`.
+    `xs`: the x values every series shares (each one labelled), or each series' own, `{label: xs}`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shared = not isinstance(xs, dict)
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, (ys, style, *errors) in series.items():
-        ax.errorbar(xs, ys, yerr=errors[0] if errors else None, fmt=style, label=label, capsize=3)
+        ax.errorbar(xs if shared else xs[label], ys, yerr=errors[0] if errors else None, fmt=style, label=label,
+                    capsize=3)
     for label, (score, color) in references.items():
         ax.axhline(score, color=color, linestyle=":", label=label)
     if log_x:
         ax.set_xscale("log")
+    if shared:
         ax.minorticks_off()  # only the given xs are labelled
-    ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("gold reward")
     ax.set_ylim(0, 1.05)

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from actors.resources import ClusterConfig
 from actors.search import Guides, Scoring, eft_batch, search_batch
 from actors.workers import Workers, job_workers
-from pipelines.evaluation import GenerationConfig, gold_evaluate, plot_scores
+from pipelines.evaluation import GenerationConfig, gold_evaluate, plot_lines, plot_scores
 from pipelines.prepare import load_prepare, prepare
 from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import gold_scores, pgr
@@ -230,10 +230,15 @@ def _analysis_text(config: SearchConfig, methods: dict, sweep: list[dict], analy
         f"returns Best-of-N's own response on {analysis['cbs_same_response_as_best_of_n']:.0%} of the prompts "
         "(both sample their first chunk from the same seeded generator). Chunk-level search can only beat Best-of-N "
         "where later chunks decide, in longer responses than this world's.\n"
-        "- The guides know only what the weak model knows. Where the weak aligned model gets a held-out fact wrong "
-        "(greedy), its log-ratio against the weak base says nothing about which value is right, and selecting on it "
-        "picks among the strong model's samples at random or worse; EFT adds the same log-ratio to the strong "
-        "model's logits, which keep the fact:\n\n" + markdown_table(table))
+        "- The guides know only what the weak model knows. Their log-ratio is what the weak pair learned to prefer, "
+        "not the facts: among the strong model's samples it picks a wrong value more often than sampling does, "
+        f"most where the weak aligned model itself gets the fact wrong (greedy; {analysis['helpful_prompts_weak_knew']}"
+        f" helpful prompts where it is right, {analysis['helpful_prompts_weak_did_not_know']} where it is wrong). "
+        "EFT adds the same log-ratio to the strong model's logits token by token instead of choosing among whole "
+        "samples: it makes the strong model write refusals it rarely samples"
+        + (f" (harmless {methods['eft']['harmless']:.3f} at {methods['eft']['strong_tokens_per_prompt']:.0f} strong "
+           f"tokens per prompt)" if "eft" in methods else "")
+        + ", and the strong logits keep more of the facts:\n\n" + markdown_table(table))
 
 
 def _sections(config: SearchConfig, references: dict, methods: dict, sweep: list[dict], examples: pa.Table,
@@ -261,22 +266,9 @@ def _sections(config: SearchConfig, references: dict, methods: dict, sweep: list
 
 def plot_budget(sweep: list[dict], references: dict, path: Path) -> None:
     """Gold reward (total) against strong tokens per prompt: CBS and Best-of-N, with the reference models dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for method, style in (("cbs", "o-"), ("best_of_n", "s--")):
-        ax.plot([r[f"{method}_strong_tokens_per_prompt"] for r in sweep], [r[f"{method}_total"] for r in sweep],
-                style, label="CBS" if method == "cbs" else "Best-of-N")
-    for name, color in (("weak_aligned", "tab:green"), ("strong_base", "tab:gray"), ("strong_ceiling", "tab:red")):
-        ax.axhline(references[name]["total"], color=color, linestyle=":", label=f"{name} (greedy)")
-    ax.set_xscale("log")
-    ax.set_xlabel("strong-model tokens sampled per prompt")
-    ax.set_ylabel("gold reward (total)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    labels = {"cbs": ("CBS", "o-"), "best_of_n": ("Best-of-N", "s--")}
+    plot_lines({label: [r[f"{m}_strong_tokens_per_prompt"] for r in sweep] for m, (label, _) in labels.items()},
+               {label: ([r[f"{m}_total"] for r in sweep], style) for m, (label, style) in labels.items()},
+               {f"{name} (greedy)": (references[name]["total"], color) for name, color in
+                (("weak_aligned", "tab:green"), ("strong_base", "tab:gray"), ("strong_ceiling", "tab:red"))},
+               "strong-model tokens sampled per prompt", path, log_x=True)
