@@ -44,16 +44,18 @@ class DecodeRows:
         ids_t, mask_t = torch.tensor(padded, device=self.device), torch.tensor(mask, device=self.device)
         self.mask = torch.empty(len(padded), 0, dtype=torch.long, device=self.device)
         self.cache = StaticCache(config=model.config, max_cache_len=longest + room)
-        self.next_logits = self._forward(ids_t, mask_t)[:, -1]
+        self.next_logits = self._forward(ids_t, mask_t, last_only=True)[:, -1]
         self.finished = torch.zeros(len(padded), dtype=torch.bool, device=self.device)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Append `ids` (with their `mask`) to every row; float32 logits of the new positions."""
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Append `ids` (with their `mask`) to every row; float32 logits of the new positions (`last_only`: of the
+        last one: a prompt's [rows, tokens, vocabulary] logits are gigabytes on a 49k vocabulary)."""
         past = self.mask.shape[1]
         self.mask = torch.cat([self.mask, mask], dim=1)
         positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, past:]
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
-                         cache_position=torch.arange(past, self.mask.shape[1], device=self.device), use_cache=True)
+                         cache_position=torch.arange(past, self.mask.shape[1], device=self.device), use_cache=True,
+                         logits_to_keep=1 if last_only else 0)
         return out.logits.float()
 
     def select(self, parents: np.ndarray | None) -> None:
@@ -85,7 +87,7 @@ class DecodeRows:
             token = torch.where(live, token, torch.full_like(token, self.pad))
             new.append((token, live))
             self.finished = self.finished | torch.isin(token, self.ends) & live
-            self.next_logits = self._forward(token[:, None], live[:, None].long())[:, -1]
+            self.next_logits = self._forward(token[:, None], live[:, None].long(), last_only=True)[:, -1]
         return _rows(new, len(self.finished))
 
     @torch.no_grad()
