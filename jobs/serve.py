@@ -36,9 +36,10 @@ def serve_job() -> None:
 
     args = parse_args(__doc__, "configs/serve.yaml")
     http, config = load_serve_file(args.config, args.overrides)
+    app = build_app(config.model_dump())  # a missing model or a mismatched tokenizer stops here, before Ray starts
     connect_ray()
     serve.start(http_options=http)
-    serve.run(build_app(config.model_dump()), name="w2s-cbs", route_prefix="/")
+    serve.run(app, name="w2s-cbs", route_prefix="/")
     print(f"[serve] {config.model_name}: http://{http['host']}:{http['port']}/v1 (OpenAI-compatible; GET /healthz); "
           "Ctrl-C stops it", flush=True)
     try:
