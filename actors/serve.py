@@ -66,6 +66,7 @@ class SearchRequest(StrictModel):
     """The search settings of one request (the OpenAI fields that apply, and CBS's extra w, k, l)."""
 
     prompt: str
+    prompt_tokens: int  # the prompt's length in the strong model's tokens (limits, usage)
     max_tokens: int = Field(ge=1)
     temperature: float = Field(gt=0)
     top_k: int = Field(ge=0)
@@ -104,10 +105,10 @@ def read_request(body: dict, config: ServeConfig, tokenizer, chat: bool) -> Sear
               "top_k": body.get("top_k", config.sampling.top_k),
               "seed": request["seed"] if request.get("seed") is not None else secrets.randbits(31)}
     try:
-        search = SearchRequest(prompt=prompt, **fields)
+        search = SearchRequest(prompt=prompt, prompt_tokens=len(encode_prompts(tokenizer, [prompt])[0]), **fields)
     except ValidationError as err:
         raise RequestError(_validation_message(err)) from None
-    _check_limits(search, config.limits, tokenizer)
+    _check_limits(search, config.limits)
     return search
 
 
@@ -137,14 +138,14 @@ def _chat_prompt(messages: list, tokenizer) -> str:
     return turns[-1]["content"]
 
 
-def _check_limits(search: SearchRequest, limits: Limits, tokenizer) -> None:
+def _check_limits(search: SearchRequest, limits: Limits) -> None:
     if search.w * search.k > limits.max_rows:
         raise RequestError(f"w * k = {search.w * search.k} is over this server's limit of {limits.max_rows}")
     if search.max_tokens > limits.max_tokens:
         raise RequestError(f"max_tokens {search.max_tokens} is over this server's limit of {limits.max_tokens}")
-    n = len(encode_prompts(tokenizer, [search.prompt])[0])
-    if n > limits.max_prompt_tokens:
-        raise RequestError(f"the prompt has {n} tokens, over this server's limit of {limits.max_prompt_tokens}")
+    if search.prompt_tokens > limits.max_prompt_tokens:
+        raise RequestError(f"the prompt has {search.prompt_tokens} tokens, over this server's limit of "
+                           f"{limits.max_prompt_tokens}")
 
 
 def completion(found, text: str, prompt_tokens: int, model: str, chat: bool):
@@ -181,12 +182,12 @@ class GuidedCompletions:
 
     def __init__(self, config: ServeConfig):
         from actors.model_host import HostPool
-        from actors.search import Guides
+        from actors.search import ROLES, Guides
         from w2s.modeling import end_of_turn_id, load_tokenizer
 
         self.config, self.tokenizer = config, load_tokenizer(config.strong.path)
-        self.pool = HostPool(max_hosts=3, resources=config.hosts)
-        hosts = self.pool.hosts({r: getattr(config, r) for r in ("strong", "tuned", "untuned")})
+        self.pool = HostPool(max_hosts=len(ROLES), resources=config.hosts)
+        hosts = self.pool.hosts({r: getattr(config, r) for r in ROLES})
         self.guides = Guides(hosts, self.tokenizer, end_of_turn_id(self.tokenizer), True)
         self.search_batch = serve.batch(max_batch_size=config.max_batch_size,
                                         batch_wait_timeout_s=config.batch_wait_timeout_s)(self._searches)
@@ -221,8 +222,7 @@ class GuidedCompletions:
             return _error(400, str(err))
         found = await self.search_batch(search)
         text = self.tokenizer.decode(found.tokens, skip_special_tokens=True)
-        prompt_tokens = len(encode_prompts(self.tokenizer, [search.prompt])[0])
-        return completion(found, text, prompt_tokens, self.config.model_name, chat).model_dump()
+        return completion(found, text, search.prompt_tokens, self.config.model_name, chat).model_dump()
 
     async def _searches(self, requests: list[SearchRequest]) -> list:
         """One search per group of requests with the same settings, run off the event loop."""
@@ -246,8 +246,10 @@ class GuidedCompletions:
 def build_app(args: dict):
     """The Serve application of `args` (configs/serve.yaml's `args:`); `serve run` calls this. Model paths are made
     absolute where this runs, and the models checked before any replica starts."""
+    from actors.search import ROLES
+
     config = ServeConfig(**args)
-    for role in ("strong", "tuned", "untuned"):
+    for role in ROLES:
         spec = getattr(config, role)
         setattr(config, role, spec.model_copy(update={"path": str(Path(spec.path).resolve())}))
     _check_models(config)
@@ -258,6 +260,7 @@ def build_app(args: dict):
 def _check_models(config: ServeConfig) -> None:
     """Refused before any replica starts: missing models, or guides that do not share the strong model's tokenizer
     (the server scores incrementally)."""
+    from actors.search import ROLES
     from w2s.modeling import check_same_tokenizer
 
-    check_same_tokenizer({r: getattr(config, r) for r in ("strong", "tuned", "untuned")})
+    check_same_tokenizer({r: getattr(config, r) for r in ROLES})

@@ -27,17 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from w2s.modeling import ModelSpec
 from w2s.search import BeamShape, Chunk, Found, Sampling, chunk_beam_search
 
 
-def official_style(models: dict, prompt: str, seed: int, shape: BeamShape, sampling: Sampling) -> Found:
-    """One prompt: strong rows with a KV cache; every chunk, every row's whole response re-scored by both guides."""
+def official_style(models: dict, positions: int, prompt: str, seed: int, shape: BeamShape,
+                   sampling: Sampling) -> Found:
+    """One prompt: strong rows with a KV cache; every chunk, every row's whole response re-scored by both guides.
+    `models`: role -> (model, tokenizer), loaded in this process; `positions`: what the models can take."""
     from w2s.decoding import DecodeRows
-    from w2s.modeling import encode_prompts, model_positions, pad_pairs, token_logprobs
+    from w2s.modeling import encode_prompts, pad_pairs, token_logprobs
 
-    (strong, tokenizer, path) = models["strong"]
-    rows = DecodeRows(strong, tokenizer, [prompt], shape.w * shape.k, [seed], sampling.max_new_tokens + 1,
-                      model_positions(path))
+    strong, tokenizer = models["strong"]
+    rows = DecodeRows(strong, tokenizer, [prompt], shape.w * shape.k, [seed], sampling.max_new_tokens + 1, positions)
     prompt_ids, end = encode_prompts(tokenizer, [prompt])[0], tokenizer.eos_token_id
 
     def propose(parents, n_tokens) -> Chunk:
@@ -48,21 +50,21 @@ def official_style(models: dict, prompt: str, seed: int, shape: BeamShape, sampl
     def score(parents, chunk, tokens, complete, previous) -> np.ndarray:
         # token ids re-scored (not decoded text): the same numbers as the pipeline's, so the outputs can be compared
         pairs = [(prompt_ids, t + [end] if c and t[-1:] != [end] else t) for t, c in zip(tokens, complete)]
-        batch = pad_pairs(pairs, tokenizer.pad_token_id, model_positions(path))
+        batch = pad_pairs(pairs, tokenizer.pad_token_id, positions)
         tuned, untuned = (token_logprobs(models[r][0], batch).sum(1).double().numpy() for r in ("tuned", "untuned"))
         return tuned - untuned
 
     return chunk_beam_search(1, shape, sampling.max_new_tokens, propose, score)[0]
 
 
-def compare(prompts: list[str], seeds: list[int], paths: dict[str, Path], shape: BeamShape, sampling: Sampling,
+def compare(prompts: list[str], seeds: list[int], models: dict[str, ModelSpec], shape: BeamShape, sampling: Sampling,
             batch: int, workers) -> dict:
     from actors.search import Guides, search_batch
-    from w2s.modeling import ModelSpec, end_of_turn_id, load_model
+    from w2s.modeling import end_of_turn_id, load_model, model_positions
 
-    specs = {role: ModelSpec(path=str(p)) for role, p in paths.items()}
-    tokenizer = load_model(specs["strong"])[1]
-    guides = Guides(workers.host(specs), tokenizer, end_of_turn_id(tokenizer), True)
+    local = {role: load_model(spec) for role, spec in models.items()}  # the official-style loop's, in this process
+    tokenizer, positions = local["strong"][1], min(model_positions(spec.path) for spec in models.values())
+    guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), True)
     search_batch(guides, prompts[:2], seeds[:2], shape, sampling)  # warm-up: hosts loaded, first calls made
     start = time.perf_counter()
     pipeline = []
@@ -70,10 +72,9 @@ def compare(prompts: list[str], seeds: list[int], paths: dict[str, Path], shape:
         pipeline += search_batch(guides, prompts[i:i + batch], seeds[i:i + batch], shape, sampling)
     pipeline_s = time.perf_counter() - start
 
-    local = {role: (*load_model(spec), paths[role]) for role, spec in specs.items()}
-    official_style(local, prompts[0], seeds[0], shape, sampling)  # warm-up
+    official_style(local, positions, prompts[0], seeds[0], shape, sampling)  # warm-up
     start = time.perf_counter()
-    official = [official_style(local, p, s, shape, sampling) for p, s in zip(prompts, seeds)]
+    official = [official_style(local, positions, p, s, shape, sampling) for p, s in zip(prompts, seeds)]
     official_s = time.perf_counter() - start
 
     def tokens(found: list[Found]) -> int:
@@ -95,7 +96,7 @@ def main() -> None:
     from actors.workers import Workers
     from jobs.common import connect_ray
     from pipelines.prepare import PrepareConfig, prepare
-    from pipelines.search import prompt_seeds
+    from pipelines.search import guide_models, prompt_seeds
     from w2s.config import load_config
     from w2s.runs import markdown_table
 
@@ -114,9 +115,8 @@ def main() -> None:
     with Workers(Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
         prepared = prepare(config, workers=workers)
         prompts = pq.read_table(prepared.data / "eval_prompts.parquet")["prompt"].to_pylist()[:args.prompts]
-        paths = {"strong": prepared.models["strong_base"], "tuned": prepared.models["weak_aligned"],
-                 "untuned": prepared.models["weak_base"]}
-        result = compare(prompts, prompt_seeds(0, len(prompts)), paths, BeamShape(w=args.w, k=args.k, l=args.l),
+        result = compare(prompts, prompt_seeds(0, len(prompts)), guide_models(prepared),
+                         BeamShape(w=args.w, k=args.k, l=args.l),
                          Sampling(), args.batch, workers)
     print(markdown_table([result]))
     out = Path(args.out)

@@ -81,9 +81,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The project's own errors: bad config, data, model or run folder. A job reports them as one line."""
     from actors.resources import ResourcesUnavailableError
     from actors.trainer import CheckpointMismatchError
-    from w2s.modeling import TokenizerMismatchError
     from w2s.data import PreferenceDataError
-    from w2s.modeling import ModelLoadError, TooLongError
+    from w2s.modeling import ModelLoadError, TokenizerMismatchError, TooLongError
     from w2s.runs import RunExistsError
 
     return (ConfigError, PreferenceDataError, ModelLoadError, TooLongError, TokenizerMismatchError, RunExistsError,

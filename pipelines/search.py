@@ -22,7 +22,7 @@ from actors.resources import ClusterConfig
 from actors.search import Guides, Scoring, eft_batch, search_batch
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, gold_evaluate, plot_lines, plot_scores
-from pipelines.prepare import load_prepare, prepare
+from pipelines.prepare import MODELS as REFERENCES, Prepared, load_prepare, prepare
 from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import gold_scores, pgr
 from w2s.modeling import ModelSpec, TokenizerMismatchError, check_same_tokenizer, end_of_turn_id, load_tokenizer
@@ -30,7 +30,6 @@ from w2s.runs import RunDir, content_hash, markdown_cell, markdown_table
 from w2s.search import BeamShape, Found, Sampling
 from w2s.world import World
 
-REFERENCES = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")
 METHODS = ("sampling", "best_of_n", "cbs", "eft")
 
 
@@ -77,6 +76,13 @@ def prompt_seeds(seed: int, n: int) -> list[int]:
     return [int(content_hash("search-seed", seed, i)[:8], 16) for i in range(n)]
 
 
+def guide_models(prepared: Prepared) -> dict[str, ModelSpec]:
+    """The world's strong base and its guiding pair: the weak aligned model (tuned) and the weak base (untuned)."""
+    return {"strong": ModelSpec(path=str(prepared.models["strong_base"])),
+            "tuned": ModelSpec(path=str(prepared.models["weak_aligned"])),
+            "untuned": ModelSpec(path=str(prepared.models["weak_base"]))}
+
+
 def check_guides(models: dict[str, ModelSpec], scoring: Scoring, eft: bool) -> bool:
     """Whether the guides read the strong model's token ids as they are; incremental scoring and EFT need it, and
     are refused here, before any model loads, when they do not."""
@@ -100,9 +106,7 @@ def run_search(config: SearchConfig, run: RunDir, seed: int = 0, workers: Worker
     with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
         prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed), workers=workers)
         run.link("data", prepared.data)
-        models = {"strong": ModelSpec(path=str(prepared.models["strong_base"])),
-                  "tuned": ModelSpec(path=str(prepared.models["weak_aligned"])),
-                  "untuned": ModelSpec(path=str(prepared.models["weak_base"]))}
+        models = guide_models(prepared)
         shared = check_guides(models, config.scoring, config.eft)
         # the held-out prompts with the reference models' greedy answers (the analysis reads the weak model's)
         references, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet",

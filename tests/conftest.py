@@ -99,13 +99,10 @@ def tiny_guide_models(workers, tiny_cache):
     import pyarrow.parquet as pq
 
     from pipelines.prepare import load_prepare, prepare
-    from w2s.modeling import ModelSpec
+    from pipelines.search import guide_models
 
     prepared = prepare(load_prepare(str(ROOT / "configs/tiny.yaml"), str(tiny_cache)), workers=workers)
-    models = {"strong": ModelSpec(path=str(prepared.models["strong_base"])),
-              "tuned": ModelSpec(path=str(prepared.models["weak_aligned"])),
-              "untuned": ModelSpec(path=str(prepared.models["weak_base"]))}
-    return models, pq.read_table(prepared.data / "eval_prompts.parquet")["prompt"].to_pylist()
+    return guide_models(prepared), pq.read_table(prepared.data / "eval_prompts.parquet")["prompt"].to_pylist()
 
 
 @pytest.fixture(scope="session")

@@ -200,8 +200,7 @@ def test_the_official_style_loop_gives_the_pipelines_responses(workers, tiny_gui
     from w2s.search import Sampling
 
     models, prompts = tiny_guide_models
-    paths = {role: Path(spec.path) for role, spec in models.items()}
-    result = compare(prompts[:6], [5, 6, 7, 8, 9, 10], paths, BeamShape(w=2, k=2, l=3), Sampling(max_new_tokens=12),
+    result = compare(prompts[:6], [5, 6, 7, 8, 9, 10], models, BeamShape(w=2, k=2, l=3), Sampling(max_new_tokens=12),
                      batch=6, workers=workers)
     assert result["same_responses"] == 1.0
     assert result["pipeline_tokens_per_s"] > 0 and result["official_tokens_per_s"] > 0
