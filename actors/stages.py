@@ -80,7 +80,7 @@ def _reward_batch(batch: pa.Table, hosts: dict) -> pa.Table:
 
 
 def _through_hosts(table: pa.Table, fn, fn_kwargs: dict, batch_size: int) -> pa.Table:
-    """`fn` over `table` in batches (Ray Data tasks that call the hosts), back in row order."""
+    """`fn` over `table` in batches (Ray Data tasks that call the hosts; one batch, from here), in row order."""
     # One batch (or none: the columns `fn` adds) is called from here: nothing to stream, and a Ray Data job
     # costs seconds to start (its first in a job: about 8 s on 2 CPUs) for what the hosts do in milliseconds.
     if table.num_rows <= batch_size:

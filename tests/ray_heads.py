@@ -66,21 +66,6 @@ def kill_processes_mentioning(marker: str) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def torch_extensions_dir() -> str:
-    """The folder torch builds C++ ops in under the real HOME, by its own rule (cpp_extension._get_build_directory):
-    DeepSpeed's CPU op, built there once by `make setup`, is not compiled again (a minute on 2 cores) under a
-    head's sandboxed HOME."""
-    if "TORCH_EXTENSIONS_DIR" in os.environ:
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    import torch
-    from torch.utils.cpp_extension import get_default_build_root
-
-    accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
-                   f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
-    python = f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}"
-    return os.path.join(get_default_build_root(), f"{python}_{accelerator}")
-
-
 def http_status(url, token=None):
     req = urllib.request.Request(url)
     if token:
@@ -144,7 +129,9 @@ def local_head(home: Path, num_cpus: float = 2, node_types: dict | None = None, 
     # Our venv first on PATH, so the job's `python` is the one that has Ray.
     path = os.pathsep.join([os.path.dirname(RAY), os.environ.get("PATH", "")])
     base.update(HOME=str(home), PATH=path, RAY_USAGE_STATS_ENABLED="0",
-                TORCH_EXTENSIONS_DIR=torch_extensions_dir())
+                # The real cache (torch finds DeepSpeed's CPU op there, built once by `make setup`, by its own
+                # folder rule): not compiled again under the sandboxed HOME, a minute on 2 cores.
+                XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")))
     env = dict(base, RAY_AUTH_MODE="token")
     gen = run([RAY, "get-auth-token", "--generate"], env, 60)
     assert gen.returncode == 0, gen.stderr
