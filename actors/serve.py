@@ -97,13 +97,20 @@ def read_request(body: dict, config: ServeConfig, tokenizer, chat: bool) -> Sear
     if body.get("n", 1) != 1:
         raise RequestError("n must be 1: the search returns its best response")
     prompt = _chat_prompt(list(request["messages"]), tokenizer) if chat else _completion_prompt(request["prompt"])
+    def given(*names: str, default):  # the first field the request sets; a 0 is a value, not "unset"
+        return next((request[n] for n in names if request.get(n) is not None), default)
+
     fields = {"w": body.get("w", config.search.w), "k": body.get("k", config.search.k),
               "l": body.get("l", config.search.l),
-              "max_tokens": request.get("max_completion_tokens" if chat else "max_tokens") or request.get("max_tokens")
-              or config.sampling.max_new_tokens,
-              "temperature": request.get("temperature") or config.sampling.temperature,
+              "max_tokens": given(*(("max_completion_tokens",) if chat else ()), "max_tokens",
+                                  default=config.sampling.max_new_tokens),
+              "temperature": given("temperature", default=config.sampling.temperature),
               "top_k": body.get("top_k", config.sampling.top_k),
-              "seed": request["seed"] if request.get("seed") is not None else secrets.randbits(31)}
+              "seed": given("seed", default=None)}
+    if fields["seed"] is None:
+        fields["seed"] = secrets.randbits(31)
+    if fields["temperature"] == 0:  # OpenAI's greedy decoding: the most likely token (top-k 1) at every step
+        fields.update(temperature=1.0, top_k=1)
     try:
         search = SearchRequest(prompt=prompt, prompt_tokens=len(encode_prompts(tokenizer, [prompt])[0]), **fields)
     except ValidationError as err:

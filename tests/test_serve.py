@@ -90,3 +90,21 @@ def test_concurrent_requests_are_answered_as_if_alone_and_overload_gets_503(serv
     burst = run_load(base, "tiny-cbs", prompts[:4], clients=32, requests=64, seconds=120, extra={"max_tokens": 8})
     assert burst["status_503"] > 0 and burst["ok"] > 0
     assert burst["status_5xx_other"] == 0 and burst["no_answer"] == 0 and burst["status_4xx"] == 0
+
+
+def test_a_zero_in_a_request_is_its_value_not_the_default(checkpoints):
+    """temperature 0 is OpenAI's greedy decoding (top-k 1), never the server's default temperature; max_tokens 0 is
+    refused, never replaced by the default."""
+    from actors.serve import RequestError, ServeConfig, read_request
+    from w2s.modeling import ModelSpec
+    from w2s.world import build_tokenizer
+
+    models = {role: ModelSpec(path=str(checkpoints["strong" if role == "strong" else "weak"]))
+              for role in ("strong", "tuned", "untuned")}
+    config = ServeConfig(**models, sampling={"temperature": 0.7, "top_k": 50})
+    body = {"model": "w2s-cbs", "prompt": "q: a?\na:", "temperature": 0, "seed": 0}
+    greedy = read_request(body, config, build_tokenizer(), chat=False)
+    assert (greedy.temperature, greedy.top_k, greedy.seed) == (1.0, 1, 0)
+    assert read_request({**body, "temperature": 0.3}, config, build_tokenizer(), chat=False).top_k == 50
+    with pytest.raises(RequestError, match="max_tokens"):
+        read_request({**body, "max_tokens": 0}, config, build_tokenizer(), chat=False)
