@@ -19,7 +19,7 @@ def evaluate_job() -> None:
     args = parse_args(__doc__, "configs/evaluate.yaml")
     config = load(EvaluateConfig, args)
     # a wrong model or judge folder is refused before the run folder is claimed: the fixed config may take it
-    checked = check_judging(config.models, config, config.generation)
+    checked = check_judging(config.models, config, config.generation.max_new_tokens)
     run = RunDir(config.runs_dir, config.run_name, fresh=args.overwrite)
     run.claim(config)
     with keep_log(run):

@@ -120,9 +120,11 @@ class Checked:
 
     def __init__(self, models: dict[str, ModelSpec], judges: JudgesConfig, max_new_tokens: int):
         everyone = {**models, **{f"judge {role}": spec for role, spec in judges.hosted().items()}}
-        for spec in everyone.values():  # a wrong folder for its role: one message, before anything is loaded
+        folders = {(s.path, s.task, s.trust_remote_code): s for s in everyone.values()}  # each folder read once
+        for spec in folders.values():  # a wrong folder for its role: one message, before anything is loaded
             check_model_task(spec.path, spec.task)
-        self.tokenizers = {name: load_tokenizer(s.path, s.trust_remote_code) for name, s in everyone.items()}
+        tokenizers = {key: load_tokenizer(s.path, s.trust_remote_code) for key, s in folders.items()}
+        self.tokenizers = {name: tokenizers[(s.path, s.task, s.trust_remote_code)] for name, s in everyone.items()}
         self.positions = {name: model_positions(s.path) or self.tokenizers[name].model_max_length
                           for name, s in everyone.items()}
         self.limits = {}
@@ -139,10 +141,11 @@ class Checked:
                                  "positions): lower it")
 
 
-def check_judging(models: dict[str, ModelSpec], judging: Judging, generation: GenerationConfig) -> Checked:
+def check_judging(models: dict[str, ModelSpec], judging: Judging, max_new_tokens: int) -> Checked:
     """Refuse, before any work, models or judges whose folders are not what their role needs, and a prompt
-    file that cannot be read (PreferenceDataError, ModelLoadError: the job's exit code 2)."""
-    checked = Checked(models, judging.judges, generation.max_new_tokens)
+    file that cannot be read (PreferenceDataError, ModelLoadError: the job's exit code 2). `max_new_tokens`:
+    the longest response the models write (room is kept for it after every prompt)."""
+    checked = Checked(models, judging.judges, max_new_tokens)
     if not Path(judging.prompts).exists():
         raise PreferenceDataError(f"{judging.prompts}: no such file or directory")
     return checked
@@ -245,9 +248,17 @@ def judge_models(models: dict[str, ModelSpec], judging: Judging, generation: Gen
     scores} and `evaluation_setup`, the report's sections). Writes examples/evaluation.parquet,
     examples/evaluation_rejected_rows.parquet and plots/evaluation.png. `checked`: check_judging's result, when
     the caller checked before other work."""
-    checked = checked or check_judging(models, judging, generation)
+    checked = checked or check_judging(models, judging, generation.max_new_tokens)
     prompts, rejected = read_prompts(judging, checked, run)
     responses = generate_all(prompts, models, checked, generation, workers)
+    metrics, table = judge_responses(prompts, rejected, responses, judging, checked, workers, run)
+    return metrics, _report(metrics["evaluation"], table, rejected, models, judging, generation)
+
+
+def judge_responses(prompts: pa.Table, rejected: pa.Table, responses: dict[str, list[str]], judging: Judging,
+                    checked: Checked, workers: Workers, run: RunDir) -> tuple[dict, pa.Table]:
+    """{name: one response per prompt} judged: (metrics.json's `evaluation` and `evaluation_setup`, the table of
+    every prompt, response, score and verdict). Writes examples/evaluation.parquet and plots/evaluation.png."""
     judged = {role: reward_scores(role, getattr(judging.judges, role), prompts, responses, checked, workers,
                                   judging.judge_batch_size)
               for role in ("reward", "cost") if getattr(judging.judges, role) is not None}
@@ -261,8 +272,7 @@ def judge_models(models: dict[str, ModelSpec], judging: Judging, generation: Gen
     setup = {"prompts": judging.prompts, "judged_prompts": table.num_rows, "set_aside_rows": rejected.num_rows,
              "reference": judging.reference, "tie_margin": judging.judges.tie_margin,
              "judges": {role: spec.path for role, spec in judging.judges.hosted().items()}}
-    return ({"evaluation": scores, "evaluation_setup": setup},
-            _report(scores, table, rejected, models, judging, generation))
+    return {"evaluation": scores, "evaluation_setup": setup}, table
 
 
 def _tabulate(prompts: pa.Table, responses: dict[str, list[str]], judged: dict[str, dict], odds: dict | None,
@@ -372,7 +382,7 @@ def evaluate(config: EvaluateConfig, run: RunDir, workers: Workers | None = None
              ) -> dict:
     """The evaluate job: `workers` are a caller's own hosts to share (None: started here, hosts only);
     `checked`: check_judging's result when the caller already checked."""
-    checked = checked or check_judging(config.models, config, config.generation)  # before any host starts
+    checked = checked or check_judging(config.models, config, config.generation.max_new_tokens)  # before any host
     with job_workers(workers, run.path / "ray_train", config.cluster) as workers:
         metrics, report = judge_models(config.models, config, config.generation, run, workers, checked)
     run.write_report(f"Evaluation: {', '.join(config.models)}", report)

@@ -266,7 +266,7 @@ def _own_inputs(config: MACPOConfig, run: RunDir) -> tuple[Inputs, int]:
                                      "the prompts it exchanges alike")
     max_length = resolve_max_length(config.max_length, {n: model_positions(s.path) for n, s in models.items()})
     if config.evaluate is not None:  # wrong judges are refused before anything is trained
-        check_judging({"strong_base": config.student}, config.evaluate, config.eval_generation)
+        check_judging({"strong_base": config.student}, config.evaluate, config.eval_generation.max_new_tokens)
     tokenizer = load_tokenizer(config.student.path, config.student.trust_remote_code)
     good, bad = load_pairs(config.data, tokenizer, max_length)
     run.write_examples("macpo_rejected_rows", bad)

@@ -1,12 +1,15 @@
-"""Weak-to-strong search (ALGORITHMS.md section 2) on the embedded world: the strong base, frozen, guided at test
-time by the weak aligned model (tuned) against the weak base (untuned).
+"""Weak-to-strong search (ALGORITHMS.md section 2): the strong base, frozen, guided at test time by the weak
+aligned model (tuned) against the weak base (untuned).
 
-    prepared models -> tokenizers compared in the driver (incremental scoring and EFT need one vocabulary)
-                    -> the four reference models, greedy, gold reward (as every job reports them)
-                    -> on model hosts, batches of prompts in flight: plain sampling, Best-of-N, CBS and EFT
-                       (actors.search), at the same temperature and top-k
-                    -> a budget sweep: CBS and Best-of-N at several numbers of rows per prompt
-                    -> gold reward, PGR and strong-model tokens per prompt in metrics.json + report.md
+    models (the embedded world's prepared ones, or yours by path: `models` and an `evaluate:` section)
+        -> tokenizers compared in the driver (incremental scoring and EFT need one vocabulary); your models, judges
+           and prompt file checked before any host starts
+        -> the reference models, greedy (the world's four, gold reward; yours: weak_aligned and strong_base)
+        -> on model hosts, batches of prompts in flight: plain sampling, Best-of-N, CBS and EFT (actors.search), at
+           the same temperature and top-k
+        -> a budget sweep: CBS and Best-of-N at several numbers of rows per prompt
+        -> metrics.json + report.md: the world's gold reward and PGR, or your judges' scores (pipelines.judge), and
+           strong-model tokens per prompt
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from actors.resources import ClusterConfig
 from actors.search import Guides, Scoring, eft_batch, search_batch
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, gold_evaluate, plot_lines, plot_scores
+from pipelines.judge import MEANING, Judging, check_judging, generate_all, judge_responses, read_prompts, scores_table
 from pipelines.prepare import MODELS as REFERENCES, Prepared, load_prepare, prepare
 from w2s.config import StrictModel, offset_seeds
+from w2s.data import render_prompt
 from w2s.metrics import gold_scores, pgr
 from w2s.modeling import ModelSpec, TokenizerMismatchError, check_same_tokenizer, end_of_turn_id, load_tokenizer
 from w2s.runs import RunDir, content_hash, markdown_cell, markdown_table
@@ -33,11 +38,25 @@ from w2s.world import World
 METHODS = ("sampling", "best_of_n", "cbs", "eft")
 
 
+class SearchModels(StrictModel):
+    """Your own models, by path (causal LMs; the guides may tokenize otherwise than the strong model)."""
+
+    strong: ModelSpec = Field(description="the strong model that samples, frozen")
+    tuned: ModelSpec = Field(description="the weak tuned (aligned) model: the guide's numerator")
+    untuned: ModelSpec = Field(description="the weak untuned (base) model it was tuned from: the denominator")
+
+
 class SearchConfig(StrictModel):
     run_name: str = "search"
     runs_dir: str = "runs"
     cache_dir: str = Field(".cache/w2s", description="content-hash cache (the prepared models)")
-    prepare: str = Field("configs/prepare.yaml", description="the embedded world whose (cached) models to use")
+    prepare: str | None = Field("configs/prepare.yaml", description="the embedded world whose (cached) models to "
+                                "use; null when `models` and `evaluate` are given")
+    models: SearchModels | None = None
+    # left out of config.yaml when None, so that a run folder written before this section existed continues
+    evaluate: Judging | None = Field(None, exclude_if=lambda section: section is None,
+                                     description="your own models (prepare: null): the prompts to search on and "
+                                     "the judges of every method's responses (pipelines.judge)")
     sampling: Sampling = Sampling()
     cbs: BeamShape = BeamShape()
     best_of_n: int | None = Field(None, ge=1, le=1024, description="N; None: cbs.w * cbs.k, as many rows per "
@@ -59,7 +78,27 @@ class SearchConfig(StrictModel):
     def _check(self):
         for w, k in self.budget_sweep:
             BeamShape(w=w, k=k, l=self.cbs.l)  # the same limits as the main shape
+        if (self.prepare is None) == (self.models is None):
+            raise ValueError("give either `prepare` (the embedded world) or `models` (your own checkpoints)")
+        if (self.models is None) != (self.evaluate is None):
+            raise ValueError("`models` needs an `evaluate:` section (its prompts are searched on, its judges score "
+                             "the responses); the embedded world brings its prompts and gold reward instead")
+        if self.evaluate is not None and self.evaluate.reference not in self.judged():
+            raise ValueError(f"evaluate.reference {self.evaluate.reference!r} is not one of the judged models "
+                             f"({', '.join(self.judged())})")
         return self
+
+    def runs(self) -> dict[str, BeamShape | None]:
+        """Every search this config asks for, by name: the main shapes, the budget sweep's, then EFT (None)."""
+        runs: dict[str, BeamShape | None] = dict(self.shapes())
+        for w, k in self.budget_sweep:
+            runs[f"cbs_{w}x{k}"] = BeamShape(w=w, k=k, l=self.cbs.l)
+            runs[f"best_of_{w * k}"] = BeamShape.best_of_n(w * k)
+        return {**runs, **({"eft": None} if self.eft else {})}
+
+    def judged(self) -> list[str]:
+        """Your own models' response columns: the guides' tuned model and the strong one, greedy, then every run."""
+        return ["weak_aligned", "strong_base", *self.runs()]
 
     def shapes(self) -> dict[str, BeamShape]:
         """The main runs: plain sampling, Best-of-N and CBS, as three beam shapes of one search."""
@@ -103,6 +142,8 @@ def run_search(config: SearchConfig, run: RunDir, seed: int = 0, workers: Worker
     """One run at run seed `seed`. `workers`: the calling job's hosts (None: started here)."""
     config = offset_seeds(config, seed)
     run.claim(config)
+    if config.models is not None:
+        return _search_own_models(config, run, workers)
     with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
         prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed), workers=workers)
         run.link("data", prepared.data)
@@ -114,37 +155,112 @@ def run_search(config: SearchConfig, run: RunDir, seed: int = 0, workers: Worker
         run.update_metrics({"models": references})
         tokenizer = load_tokenizer(models["strong"].path)
         guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
-        results, columns = _run_methods(config, guides, generations, prepared.world)
+        results, columns = _gold_methods(_run_methods(config, guides, generations["prompt"].to_pylist()),
+                                         generations, prepared.world)
     return _report(config, references, results, generations, columns, run)
 
 
-def _run_methods(config: SearchConfig, guides: Guides, prompts: pa.Table, world: World):
-    """Every method and budget on the held-out prompts: ({name: result}, {column: values} of the examples)."""
-    texts, seeds = prompts["prompt"].to_pylist(), prompt_seeds(config.seed, prompts.num_rows)
-    rows = prompts.to_pylist()
-    runs = dict(config.shapes())
-    for w, k in config.budget_sweep:
-        runs[f"cbs_{w}x{k}"] = BeamShape(w=w, k=k, l=config.cbs.l)
-        runs[f"best_of_{w * k}"] = BeamShape.best_of_n(w * k)
-    results, columns = {}, {}
-    for name, shape in [*runs.items(), *([("eft", None)] if config.eft else [])]:
+def _search_own_models(config: SearchConfig, run: RunDir, workers: Workers | None) -> dict:
+    """Your own strong model and guides on your prompts, every method's responses scored by your judges."""
+    models = dict(config.models)
+    shared = check_guides(models, config.scoring, config.eft)
+    strong = models["strong"]
+    named = {"weak_aligned": models["tuned"], "untuned guide": models["untuned"],
+             **{name: strong for name in config.judged()[1:]}}  # every response column read by its model's tokenizer
+    # every prompt leaves room for the longest response; too long a prompt for any of them is set aside
+    checked = check_judging(named, config.evaluate, max(config.generation.max_new_tokens,
+                                                        config.sampling.max_new_tokens))
+    with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
+        prompts, rejected = read_prompts(config.evaluate, checked, run)
+        greedy = {"weak_aligned": models["tuned"], "strong_base": strong}
+        responses = generate_all(prompts, greedy, checked, config.generation, workers)
+        tokenizer = load_tokenizer(strong.path, strong.trust_remote_code)
+        texts = [render_prompt(p, chat, tokenizer) for p, chat in zip(prompts["prompt"].to_pylist(),
+                                                                      prompts["chat"].to_pylist())]
+        guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
+        searched = _run_methods(config, guides, texts)
+        responses.update({name: result.pop("answers") for name, result in searched.items()})
+        judged, table = judge_responses(prompts, rejected, responses, config.evaluate, checked, workers, run)
+    results = {name: {**judged["evaluation"][name], **result} for name, result in searched.items()}
+    for result in results.values():
+        del result["guide_scores"]
+    methods = {name: results[name] for name in METHODS if name in results}
+    sweep = _sweep(config, results, ("reward_mean", "strong_tokens_per_prompt"))
+    metrics = run.update_metrics({**judged, "methods": methods, "budget_sweep": sweep,
+                                  "settings": {"sampling": config.sampling.model_dump(), "scoring": config.scoring,
+                                               "best_of_n": config.shapes()["best_of_n"].k}})
+    plot_budget(sweep, {n: judged["evaluation"][n] for n in ("weak_aligned", "strong_base")},
+                run.path / "plots" / "budget.png", "reward_mean")
+    run.write_report("Weak-to-strong search on your models", _own_sections(config, judged, methods, sweep, table,
+                                                                           rejected.num_rows))
+    return metrics
+
+
+def _own_sections(config: SearchConfig, judged: dict, methods: dict, sweep: list[dict], table: pa.Table,
+                  set_aside: int) -> list[str]:
+    models, judging = config.models, config.evaluate
+    shown = ["weak_aligned", "strong_base", "sampling", "best_of_n", "cbs", *(["eft"] if "eft" in methods else [])]
+    rows = table.slice(0, judging.examples).to_pylist()
+    return [
+        f"The strong model `{models.strong.path}`, frozen, samples (temperature {config.sampling.temperature}, "
+        f"top-k {config.sampling.top_k}, at most {config.sampling.max_new_tokens} new tokens); `{models.tuned.path}` "
+        f"against `{models.untuned.path}` scores its candidates (summed log-ratio). {_shapes_text(config, methods)} "
+        f"weak_aligned (the tuned guide) and strong_base answer greedily. {table.num_rows} prompts of "
+        f"`{judging.prompts}`; {set_aside} rows set aside, each with its reason in "
+        "`examples/evaluation_rejected_rows.parquet`. Judges: "
+        + ", ".join(f"{role} `{spec.path}`" for role, spec in judging.judges.hosted().items()) + ".",
+        markdown_table(scores_table(judged["evaluation"], judging.reference)),
+        "Cost of each search: " + markdown_table([{"method": name, **{k: r[k] for k in (
+            "strong_tokens_per_prompt", "seconds", "strong_tokens_per_second", "guide_score")}}
+            for name, r in methods.items()]),
+        "Budget: the reward model's mean score against the strong-model tokens sampled per prompt, CBS and "
+        "Best-of-N at the same number of rows per prompt.\n\n" + markdown_table(sweep),
+        MEANING, "![judges](plots/evaluation.png)\n\n![budget](plots/budget.png)",
+        "Example responses:\n\n" + markdown_table([{"prompt": markdown_cell(r["prompt"]),
+                                                     **{m: markdown_cell(r[f"{m}_response"]) for m in shown}}
+                                                    for r in rows]),
+    ]
+
+
+def _shapes_text(config: SearchConfig, methods: dict) -> str:
+    c = config.cbs
+    return (f"CBS keeps W={c.w} of W*K={c.w * c.k} candidates every L={c.l} tokens; Best-of-N samples "
+            f"N={methods['best_of_n']['k']} whole responses and keeps the best"
+            + (f"; EFT samples from strong logits + {config.eft_beta} x the guides' log-ratio, a token at a time."
+               if "eft" in methods else "."))
+
+
+def _run_methods(config: SearchConfig, guides: Guides, texts: list[str]) -> dict[str, dict]:
+    """Every search of the config on the prompts: {name: its cost, shape and `answers` (one text per prompt)}."""
+    seeds = prompt_seeds(config.seed, len(texts))
+    results = {}
+    for name, shape in config.runs().items():
         start = time.perf_counter()
         found = _batched(texts, seeds, config.batch_prompts, name, lambda p, s: (
             eft_batch(guides, p, s, config.sampling, config.eft_beta) if shape is None
             else search_batch(guides, p, s, shape, config.sampling, config.scoring)))
         seconds = time.perf_counter() - start
-        answers = guides.tokenizer.batch_decode([f.tokens for f in found], skip_special_tokens=True)
-        gold = [world.gold_reward(row, answer) for row, answer in zip(rows, answers)]
         tokens = sum(f.strong_tokens for f in found)
-        results[name] = {**gold_scores([{"kind": r["kind"], "gold_reward": g} for r, g in zip(rows, gold)]),
+        results[name] = {"answers": guides.tokenizer.batch_decode([f.tokens for f in found], skip_special_tokens=True),
+                         "guide_scores": [f.score for f in found],
                          "strong_tokens_per_prompt": tokens / len(found), "seconds": round(seconds, 1),
                          "strong_tokens_per_second": round(tokens / seconds, 1),
                          "guide_score": float(np.nanmean([f.score for f in found])) if shape else None,
                          **({"w": shape.w, "k": shape.k, "l": shape.l} if shape else {"beta": config.eft_beta})}
-        _log(f"{name}: total gold {results[name]['total']:.3f}, {results[name]['strong_tokens_per_prompt']:.0f} "
-             f"strong tokens per prompt, {seconds:.1f}s")
-        columns.update({f"{name}_response": answers, f"{name}_gold": gold,
-                        f"{name}_guide_score": [f.score for f in found]})
+        _log(f"{name}: {results[name]['strong_tokens_per_prompt']:.0f} strong tokens per prompt, {seconds:.1f}s")
+    return results
+
+
+def _gold_methods(searched: dict[str, dict], prompts: pa.Table, world: World):
+    """The searches' answers judged by the world's gold reward: ({name: result}, {column: values} of the examples)."""
+    rows = prompts.to_pylist()
+    results, columns = {}, {}
+    for name, result in searched.items():
+        answers, scores = result.pop("answers"), result.pop("guide_scores")
+        gold = [world.gold_reward(row, answer) for row, answer in zip(rows, answers)]
+        results[name] = {**gold_scores([{"kind": r["kind"], "gold_reward": g} for r, g in zip(rows, gold)]), **result}
+        _log(f"{name}: total gold {results[name]['total']:.3f}")
+        columns.update({f"{name}_response": answers, f"{name}_gold": gold, f"{name}_guide_score": scores})
     return results, columns
 
 
@@ -164,13 +280,9 @@ def _report(config: SearchConfig, references: dict, results: dict, prompts: pa.T
         result["pgr"] = pgr(result["total"], weak, ceiling)
     methods = {name: results[name] for name in METHODS if name in results}
     p = results["sampling"]["harmless"]  # the share of the strong base's samples that refuse a harmful request
-    pairs = [(1, 1, "sampling", "sampling"), *((w, k, f"cbs_{w}x{k}", f"best_of_{w * k}") for w, k in config.budget_sweep),
-             (config.cbs.w, config.cbs.k, "cbs", "best_of_n")]
-    sweep = sorted(({"rows_per_prompt": w * k, "w": w, "k": k,
-                     **{f"{m}_{key}": results[name][key] for m, name in (("cbs", cbs), ("best_of_n", bon))
-                        for key in ("total", "harmless", "strong_tokens_per_prompt")},
-                     "harmless_if_any_row_refuses": 1 - (1 - p) ** (w * k)} for w, k, cbs, bon in pairs),
-                   key=lambda r: r["rows_per_prompt"])
+    sweep = _sweep(config, results, ("total", "harmless", "strong_tokens_per_prompt"))
+    for row in sweep:
+        row["harmless_if_any_row_refuses"] = 1 - (1 - p) ** row["rows_per_prompt"]
     examples = prompts
     for name, values in columns.items():
         examples = examples.append_column(name, pa.array(values))
@@ -186,6 +298,15 @@ def _report(config: SearchConfig, references: dict, results: dict, prompts: pa.T
     run.write_report("Weak-to-strong search on the embedded world", _sections(config, references, methods, sweep,
                                                                               examples, analysis))
     return metrics
+
+
+def _sweep(config: SearchConfig, results: dict, keys: tuple[str, ...]) -> list[dict]:
+    """CBS beside Best-of-N at each number of rows per prompt (one row: plain sampling), `keys` of both."""
+    pairs = [(1, 1, "sampling", "sampling"), *((w, k, f"cbs_{w}x{k}", f"best_of_{w * k}") for w, k in config.budget_sweep),
+             (config.cbs.w, config.cbs.k, "cbs", "best_of_n")]
+    return sorted(({"rows_per_prompt": w * k, "w": w, "k": k,
+                    **{f"{m}_{key}": results[name][key] for m, name in (("cbs", cbs), ("best_of_n", bon)) for key in keys}}
+                   for w, k, cbs, bon in pairs), key=lambda r: r["rows_per_prompt"])
 
 
 def method_table(references: dict, methods: dict) -> list[dict]:
@@ -268,11 +389,15 @@ def _sections(config: SearchConfig, references: dict, methods: dict, sweep: list
     ]
 
 
-def plot_budget(sweep: list[dict], references: dict, path: Path) -> None:
-    """Gold reward (total) against strong tokens per prompt: CBS and Best-of-N, with the reference models dotted."""
+def plot_budget(sweep: list[dict], references: dict, path: Path, key: str = "total") -> None:
+    """`key` (gold reward total; your judge's reward_mean) against strong tokens per prompt: CBS and Best-of-N, with
+    the reference models dotted."""
     labels = {"cbs": ("CBS", "o-"), "best_of_n": ("Best-of-N", "s--")}
+    path.parent.mkdir(parents=True, exist_ok=True)
     plot_lines({label: [r[f"{m}_strong_tokens_per_prompt"] for r in sweep] for m, (label, _) in labels.items()},
-               {label: ([r[f"{m}_total"] for r in sweep], style) for m, (label, style) in labels.items()},
-               {f"{name} (greedy)": (references[name]["total"], color) for name, color in
-                (("weak_aligned", "tab:green"), ("strong_base", "tab:gray"), ("strong_ceiling", "tab:red"))},
-               "strong-model tokens sampled per prompt", path, log_x=True)
+               {label: ([r[f"{m}_{key}"] for r in sweep], style) for m, (label, style) in labels.items()},
+               {f"{name} (greedy)": (references[name][key], color) for name, color in
+                (("weak_aligned", "tab:green"), ("strong_base", "tab:gray"), ("strong_ceiling", "tab:red"))
+                if name in references},
+               "strong-model tokens sampled per prompt", path, log_x=True,
+               ylabel="gold reward" if key == "total" else f"judge {key}")

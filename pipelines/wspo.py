@@ -161,7 +161,7 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
     check_same_tokenizer(models)
     max_length = resolve_max_length(config.max_length, {role: model_positions(s.path) for role, s in models.items()})
     if config.evaluate is not None:  # wrong judges are refused before anything is scored or trained
-        check_judging(_judged(models, {}), config.evaluate, config.generation)
+        check_judging(_judged(models, {}), config.evaluate, config.generation.max_new_tokens)
     fingerprints = {role: weights_fingerprint(spec.path) for role, spec in models.items()}
 
     cache = Cache(config.cache_dir)

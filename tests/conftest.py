@@ -54,7 +54,7 @@ class TinyPrepared:
     run: Path  # its run folder
 
 
-def _job_in_process(module: str, config: str, cwd: Path, workers, *overrides: str) -> str:
+def job_in_process(module: str, config: str, cwd: Path, workers, *overrides: str) -> str:
     """`python -m jobs.<module> --config <config> --set ...` run in this process, from `cwd`, on the tests' Ray and
     shared workers (what a job run as its own process starts for itself): what it printed."""
     import contextlib
@@ -83,7 +83,7 @@ def tiny_prepared(workers, tmp_path_factory) -> TinyPrepared:
     method jobs' tests share: the tiny world is prepared once for all of them."""
     cwd = tmp_path_factory.mktemp("tiny_prepare")
     cache = cwd / "cache"
-    output = _job_in_process("prepare", str(ROOT / "configs/tiny.yaml"), cwd, workers, f"cache_dir={cache}")
+    output = job_in_process("prepare", str(ROOT / "configs/tiny.yaml"), cwd, workers, f"cache_dir={cache}")
     return TinyPrepared(cache, cwd, output, cwd / "runs" / "tiny")
 
 
@@ -110,7 +110,7 @@ def tiny_wspo(tiny_cache, workers, tmp_path_factory) -> Path:
     """The tiny WSPO job, uninterrupted, into the shared cache: its run folder (the fault test's reference
     numbers; the same job submitted to a cluster then finds every stage cached)."""
     runs = tmp_path_factory.mktemp("tiny_wspo")
-    _job_in_process("wspo", str(ROOT / "configs/tiny_wspo.yaml"), ROOT, workers, f"runs_dir={runs}",
+    job_in_process("wspo", str(ROOT / "configs/tiny_wspo.yaml"), ROOT, workers, f"runs_dir={runs}",
                     f"cache_dir={tiny_cache}")
     return runs / "tiny_wspo"
 

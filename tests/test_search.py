@@ -1,5 +1,6 @@
 """Weak-to-strong search: the beam bookkeeping (pure), CBS's special cases against transformers' own sampling,
-incremental against full-prefix scoring, EFT's vocabulary check, and the job on the tiny world."""
+incremental against full-prefix scoring, EFT's vocabulary check, and the job on the tiny world and on models given
+by path (judged by your judges)."""
 
 import json
 from pathlib import Path
@@ -173,12 +174,19 @@ def test_eft_and_incremental_scoring_refuse_guides_with_another_tokenizer(checkp
     assert check_guides(same, "incremental", eft=True) is True
 
 
-def test_search_job_reports_every_method_at_matched_budgets(workers, tiny_cache, tmp_path):
-    from tests.conftest import _job_in_process
+@pytest.fixture(scope="module")
+def world_search(workers, tiny_cache, tmp_path_factory) -> tuple[str, Path]:
+    """The search job on the tiny world: (what it printed, its run folder)."""
+    from tests.conftest import job_in_process
 
-    output = _job_in_process("search", str(ROOT / "configs/tiny_search.yaml"), ROOT, workers,
-                             f"runs_dir={tmp_path}", f"cache_dir={tiny_cache}")
-    run = tmp_path / "tiny_search"
+    runs = tmp_path_factory.mktemp("search_runs")
+    output = job_in_process("search", str(ROOT / "configs/tiny_search.yaml"), ROOT, workers,
+                            f"runs_dir={runs}", f"cache_dir={tiny_cache}")
+    return output, runs / "tiny_search"
+
+
+def test_search_job_reports_every_method_at_matched_budgets(world_search):
+    output, run = world_search
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"sampling", "best_of_n", "cbs", "eft"}
     for result in metrics["methods"].values():
@@ -191,6 +199,49 @@ def test_search_job_reports_every_method_at_matched_budgets(workers, tiny_cache,
     assert {"cbs_response", "best_of_n_gold", "eft_response"} <= set(examples.column_names)
     assert (run / "plots" / "budget.png").stat().st_size > 0
     assert "Budget: CBS and Best-of-N" in output and "| cbs " in (run / "report.md").read_text()
+
+
+def test_search_on_your_own_models_is_judged_by_your_judges(workers, tiny_guide_models, judges, world_search,
+                                                          tmp_path):
+    """The tiny world's models by path, as anyone's checkpoints, on a prompt file (one prompt too long, set aside
+    with its reason): the same searches as the world's job on the same prompts, every response scored by the
+    reward model; a judge of the wrong kind is refused before any host starts."""
+    import yaml
+
+    from pipelines.search import SearchConfig, run_search
+    from tests.conftest import job_in_process
+    from w2s.modeling import ModelLoadError
+    from w2s.runs import RunDir
+
+    models, prompts = tiny_guide_models
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [*prompts[:5], "q: " + "zorb " * 40]))
+    config = {**yaml.safe_load((ROOT / "configs/tiny_search.yaml").read_text()), "run_name": "own", "prepare": None,
+              "models": {role: spec.model_dump(mode="json") for role, spec in models.items()},
+              "evaluate": {"prompts": str(prompt_file), "judges": {"reward": {"path": str(judges.reward)}}}}
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(config))
+    output = job_in_process("search", str(tmp_path / "own.yaml"), tmp_path, workers, f"runs_dir={tmp_path / 'runs'}")
+    run = tmp_path / "runs" / "own"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluation_setup"]["judged_prompts"] == 5 and metrics["evaluation_setup"]["set_aside_rows"] == 1
+    [reason] = pq.read_table(run / "examples" / "evaluation_rejected_rows.parquet")["error"].to_pylist()
+    assert "too long" in reason, reason
+    assert set(metrics["evaluation"]) == set(SearchConfig(**config).judged())
+    assert metrics["evaluation"]["weak_aligned"]["tie"] == 1.0  # the reference against itself
+    for name in ("sampling", "best_of_n", "cbs", "eft"):
+        assert {"reward_mean", "win", "lose", "strong_tokens_per_prompt"} <= set(metrics["methods"][name])
+    assert [r["rows_per_prompt"] for r in metrics["budget_sweep"]] == [1, 2, 4]
+    # by path, the same models sample and select what the world's job did on the same prompts and seeds
+    own = pq.read_table(run / "examples" / "evaluation.parquet")
+    world = pq.read_table(world_search[1] / "examples" / "search_generations.parquet").slice(0, 5)
+    for name in ("sampling", "best_of_n", "cbs", "eft"):
+        assert own[f"{name}_response"].to_pylist() == world[f"{name}_response"].to_pylist(), name
+    assert "Your judges, against weak_aligned" in output and "Cost of each search" in (run / "report.md").read_text()
+    assert (run / "plots" / "budget.png").stat().st_size > 0 and (run / "plots" / "evaluation.png").stat().st_size > 0
+
+    config["evaluate"]["judges"]["reward"]["path"] = str(judges.two_labels)
+    with pytest.raises(ModelLoadError, match="expected num_labels 1"):
+        run_search(SearchConfig(**config), RunDir(tmp_path / "runs", "refused"), workers=None)
 
 
 def test_the_official_style_loop_gives_the_pipelines_responses(workers, tiny_guide_models):
