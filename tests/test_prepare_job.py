@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from conftest import ROOT, job_env
+from conftest import ROOT, job_in_process, job_env
 
 CMD = [sys.executable, "-m", "jobs.prepare", "--config", str(ROOT / "configs/tiny.yaml")]
 
@@ -59,17 +59,21 @@ def test_prepare_writes_its_run_folder_and_reuses_the_cache(tiny_prepared):
     assert json.loads((run / "metrics.json").read_text())["models"] == metrics["models"]
 
 
-def test_prepare_killed_mid_training_continues_to_the_same_numbers(tiny_prepared, tmp_path):
-    """kill -9 once the strong ceiling's DPO has a checkpoint; the same command again reuses the models before
-    it, resumes it from its checkpoint and ends with the numbers of the uninterrupted run."""
+def test_prepare_killed_mid_training_continues_to_the_same_numbers(tiny_prepared, workers, tmp_path):
+    """kill -9 once the strong ceiling's DPO has a checkpoint; the same job again reuses the models before it,
+    resumes it from its checkpoint and ends with the numbers of the uninterrupted run. (The second run is the
+    job's code on the tests' Ray and workers: a process of its own would add only its start-up.)"""
     shutil.copytree(tiny_prepared.cache, tmp_path / "cache",
                     ignore=lambda folder, names: [n for n in names if n.startswith(
                         ("strong_ceiling", ".strong_ceiling", "workers-"))])
     # a checkpoint after every step (it changes no number); the workers wait after it, and are killed there
-    extra = ["--set", "cache_dir=cache", "--set", "align.checkpoint_every=1"]
-    _kill_once_checkpointed(tmp_path, extra, "strong_ceiling", tmp_path / "killed.log")
-    again = _run(tmp_path, *extra)
-    assert "weak_aligned: cached" in again and "[train] resumed from step" in again
+    extra = ["cache_dir=cache", "align.checkpoint_every=1"]
+    _kill_once_checkpointed(tmp_path, [arg for e in extra for arg in ("--set", e)], "strong_ceiling",
+                            tmp_path / "killed.log")
+    again = job_in_process("prepare", CMD[-1], tmp_path, workers, *extra)
+    assert "weak_aligned: cached" in again and "strong_ceiling: building" in again, again[-3000:]
+    [ceiling] = (tmp_path / "cache").glob("strong_ceiling-*/model/.train_summary.json")
+    assert json.loads(ceiling.read_text())["resumed_from_step"] > 0  # it went on from the killed run's checkpoint
     uninterrupted = json.loads((tiny_prepared.run / "metrics.json").read_text())["models"]
     assert json.loads((tmp_path / "runs/tiny/metrics.json").read_text())["models"] == uninterrupted
 
