@@ -5,12 +5,13 @@
   scale from zero, one for model hosts and one for training workers (custom resources stand in for the GPUs
   of cluster.yaml's node types). The autoscaler must add nodes of both types, the stages must run on them,
   and the idle nodes must be removed after the job;
-- a run killed for real twice on a fixed two-node cluster (ray.cluster_utils.Cluster), the driver during the
-  student's initialisation (after its first checkpoint) and one training worker during a round, then the
-  same command is run again: it must skip the finished stages, resume the killed one from its checkpoint,
-  and end with the same numbers as the autoscaled run.
+- a run killed for real twice on a fixed two-node cluster (ray.cluster_utils.Cluster), the driver during a
+  round's DPO (after its first checkpoint) and one training worker of the resumed run, then the same command
+  is run again: it must skip the finished stages, resume the killed one from its checkpoint, and end with
+  the same numbers as the autoscaled run.
 Both runs share the tests' cache of the tiny world, so it is prepared once; the killed run starts with the
-uninterrupted run's finished teacher stages.
+uninterrupted run's finished stages before round 1's training (they are deterministic: the numbers of the
+round-0 models are evaluated again and must agree too), so the kills land where the resume is tested.
 """
 
 import json
@@ -32,10 +33,12 @@ JOB = [sys.executable, str(ROOT / "tests/scripts/two_node_job.py"), "jobs.macpo"
 
 
 def _overrides(root: Path, cache: Path, name: str) -> list[str]:
-    # One round, and a student SFT long enough (12 steps, a checkpoint after each) to be killed half-way.
-    student_sft = "{mode: sft, lr: 1.0e-3, epochs: 3, batch_size: 8, num_workers: 2, checkpoint_every: 1}"
+    # One round, its DPO stages long enough (3 steps, a checkpoint after each but the last) to be killed half-way,
+    # and a student SFT long enough that the student's round-1 pairs are not all set aside (chosen == rejected).
+    student_sft = "{mode: sft, lr: 1.0e-3, epochs: 3, batch_size: 8, num_workers: 2}"
     return ["--set", f"run_name={name}", "--set", f"runs_dir={root / 'runs'}", "--set", f"cache_dir={cache}",
-            "--set", "rounds=1", "--set", f"student_sft={student_sft}"]
+            "--set", "rounds=1", "--set", f"student_sft={student_sft}", "--set", "dpo.epochs=3",
+            "--set", "dpo.checkpoint_every=1"]
 
 
 def _command(root: Path, cache: Path, name: str) -> list[str]:
@@ -176,38 +179,41 @@ def _train_workers(job: subprocess.Popen) -> list[psutil.Process]:
     return found
 
 
+BEFORE_ROUND1_TRAINING = ("init_weak_a", "init_weak_a_negative", "init_weak_b", "init_weak_b_negative", "weak_labels",
+                          "init_student", "init_student_negative", "round1_pairs")
+
+
 def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cache):
     import shutil
 
     run = work / "runs" / "killed"
     stages, checkpoints = run / "stages", run / "ray_train"
-    # the teachers' stages, finished as the uninterrupted run left them (they are deterministic): the kill
-    # lands in the student's initialisation without training them again
-    for stage in ("init_weak_a", "init_weak_a_negative", "init_weak_b", "init_weak_b_negative", "weak_labels"):
+    # the stages before round 1's training, finished as the uninterrupted run left them
+    for stage in BEFORE_ROUND1_TRAINING:
         shutil.copytree(uninterrupted / "stages" / stage, stages / stage)
 
-    # 1. kill the driver (and with it the whole two-node cluster) once the student's SFT has a checkpoint
+    # 1. kill the driver (and with it the whole two-node cluster) once a round-1 DPO stage has a checkpoint
     first_log = work / "killed_first.log"
     first = _start(_command(work, tiny_cache, "killed"), first_log, checkpoint_pause=30)  # killed in the pause
     # a complete checkpoint (a `.partial` one is never resumed from)
-    _wait_for("a checkpoint of init_student",
-              lambda: [p for p in (checkpoints / "init_student").glob("step_*") if not p.name.endswith(".partial")],
-              first, first_log)
+    killed_in = _wait_for("a checkpoint of a round-1 stage",
+                          lambda: [p.parent.name for p in checkpoints.glob("round1_*/step_*")
+                                   if not p.name.endswith(".partial")], first, first_log)[0]
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert (stages / "init_weak_a" / ".complete").is_file()
-    assert not (stages / "init_student" / ".complete").is_file(), "the stage ended before the kill"
+    assert not (stages / killed_in / ".complete").is_file(), "the stage ended before the kill"
 
-    # 2. resume, and kill one training worker while the first round trains
+    # 2. resume, and kill one training worker once the killed stage has resumed from its checkpoint
     second_log = work / "killed_second.log"
     second = _start(_command(work, tiny_cache, "killed"), second_log)
-    victims = _wait_for("a round-1 training worker",
-                        lambda: (checkpoints / "round1_student").is_dir() and _train_workers(second), second, second_log)
+    victims = _wait_for("a resumed round-1 training worker",
+                        lambda: "[train] resumed from step" in second_log.read_text() and _train_workers(second),
+                        second, second_log)
     victims[0].kill()
     text = _finish(second, second_log)
 
-    assert "init_weak_a: cached" in text and "weak_labels: cached" in text  # finished stages are not redone
-    assert "[train] resumed from step" in text  # init_student went on from its checkpoint
+    assert all(f"{stage}: cached" in text for stage in BEFORE_ROUND1_TRAINING)  # finished stages are not redone
+    assert "[train] resumed from step" in text  # the killed stage went on from its checkpoint
     assert "worker process has died" in text  # Ray Train saw the killed worker and restarted the group
-    assert "round1_student: done" in text
+    assert all(f"{stage}: done" in text for stage in ("round1_student", "round1_weak_a", "round1_weak_b"))
     assert _macpo_numbers(run) == _macpo_numbers(uninterrupted)
