@@ -28,7 +28,7 @@ from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate
 from w2s.config import StrictModel, load_config, offset_seeds
 from w2s.modeling import GPTSize, ModelSpec, init_gpt2, resolve_max_length, weights_fingerprint
 from w2s.runs import Cache, RunDir, content_hash, markdown_table
-from w2s.world import World, WorldConfig, build_tokenizer
+from w2s.world import World, WorldConfig, build_bpe_tokenizer, build_tokenizer
 
 MODELS = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")
 
@@ -38,6 +38,10 @@ class PretrainStage(StrictModel):
     train: TrainConfig
     corpus_view: int = Field(0, ge=0, description="which view of the world's corpus to pretrain on (0: the "
                              "shared one; another view gives a model that knows other facts, w2s/world.py)")
+    # left out of the stage's key when None: the models of configs written before it keep their cache
+    bpe_vocab_size: int | None = Field(None, ge=64, le=65536, exclude_if=lambda n: n is None,
+                                       description="None: the world's character-level tokenizer; N: a BPE of N "
+                                       "tokens trained on the stage's corpus (a model of another tokenizer)")
 
 
 class PrepareConfig(StrictModel):
@@ -99,7 +103,9 @@ def pretrained_base(cache: Cache, world: World, world_key: str, data: Path, stag
         if stage.corpus_view != 0:
             corpus = path / f"corpus_view{stage.corpus_view}.parquet"
             pq.write_table(pa.table({"text": world.corpus(stage.corpus_view)}), corpus)
-        init_gpt2(stage.size, build_tokenizer(), path / "init", stage.train.seed)
+        tokenizer = (build_tokenizer() if stage.bpe_vocab_size is None
+                     else build_bpe_tokenizer(world.corpus(stage.corpus_view), stage.bpe_vocab_size))
+        init_gpt2(stage.size, tokenizer, path / "init", stage.train.seed)
         workers.train(stage.train, path / "init", corpus, path / "model", f"{name}-{key}", cache.root / "ray_train",
                       max_length, tensorboard_dir=tensorboard_root / name if tensorboard_root else None)
 

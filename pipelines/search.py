@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from actors.resources import ClusterConfig
@@ -26,16 +27,19 @@ from actors.search import Guides, Scoring, eft_batch, search_batch
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, gold_evaluate, plot_lines, plot_scores
 from pipelines.judge import MEANING, Judging, check_judging, generate_all, judge_responses, read_prompts, scores_table
-from pipelines.prepare import MODELS as REFERENCES, Prepared, load_prepare, prepare
+from pipelines.prepare import (MODELS as REFERENCES, Prepared, PretrainStage, load_prepare, max_length_of, prepare,
+                               pretrained_base)
 from w2s.config import StrictModel, offset_seeds
 from w2s.data import render_prompt
 from w2s.metrics import gold_scores, pgr
-from w2s.modeling import ModelSpec, TokenizerMismatchError, check_same_tokenizer, end_of_turn_id, load_tokenizer
-from w2s.runs import RunDir, content_hash, markdown_cell, markdown_table
+from w2s.modeling import (ModelSpec, TokenizerMismatchError, TooLongError, check_same_tokenizer, encode_prompts,
+                          end_of_turn_id, load_tokenizer, model_positions)
+from w2s.runs import Cache, RunDir, content_hash, markdown_cell, markdown_table
 from w2s.search import BeamShape, Found, Sampling
 from w2s.world import World
 
 METHODS = ("sampling", "best_of_n", "cbs", "eft")
+OWN_STRONG = "search_strong_base"  # the strong base `strong:` pretrains for the search (a reference model too)
 
 
 class SearchModels(StrictModel):
@@ -53,6 +57,11 @@ class SearchConfig(StrictModel):
     prepare: str | None = Field("configs/prepare.yaml", description="the embedded world whose (cached) models to "
                                 "use; null when `models` and `evaluate` are given")
     models: SearchModels | None = None
+    # left out of config.yaml when None, so that a run folder written before this field existed continues
+    strong: PretrainStage | None = Field(None, exclude_if=lambda stage: stage is None,
+                                         description="embedded world: a strong base of its own, pretrained here "
+                                         "on the world's corpus (e.g. with `bpe_vocab_size`: another tokenizer than "
+                                         "the guides'), instead of the prepared one")
     # left out of config.yaml when None, so that a run folder written before this section existed continues
     evaluate: Judging | None = Field(None, exclude_if=lambda section: section is None,
                                      description="your own models (prepare: null): the prompts to search on and "
@@ -80,6 +89,9 @@ class SearchConfig(StrictModel):
             BeamShape(w=w, k=k, l=self.cbs.l)  # the same limits as the main shape
         if (self.prepare is None) == (self.models is None):
             raise ValueError("give either `prepare` (the embedded world) or `models` (your own checkpoints)")
+        if self.strong is not None and self.prepare is None:
+            raise ValueError("`strong` pretrains a strong base on the embedded world (prepare); with your own "
+                             "models, give models.strong")
         if (self.models is None) != (self.evaluate is None):
             raise ValueError("`models` needs an `evaluate:` section (its prompts are searched on, its judges score "
                              "the responses); the embedded world brings its prompts and gold reward instead")
@@ -138,6 +150,28 @@ def check_guides(models: dict[str, ModelSpec], scoring: Scoring, eft: bool) -> b
     return True
 
 
+def check_guide_room(models: dict[str, ModelSpec], prompts: list[str], max_new_tokens: int) -> None:
+    """Guides of another tokenizer re-read each candidate as text: their positions must hold the longest prompt and
+    the longest response the strong model can write (max_new_tokens of its longest token, in the guides' tokens,
+    and the end of turn). Refused here, before any host starts, with the max_new_tokens that fits."""
+    strong = load_tokenizer(models["strong"].path, models["strong"].trust_remote_code)
+    special = set(strong.all_special_ids)
+    for role in ("tuned", "untuned"):
+        guide = load_tokenizer(models[role].path, models[role].trust_remote_code)
+        positions = model_positions(models[role].path) or guide.model_max_length
+        spelled = guide([strong.decode([i]) for i in range(len(strong)) if i not in special],
+                        add_special_tokens=False)["input_ids"]
+        longest_token = max(map(len, spelled))
+        longest_prompt = max(len(ids) for ids in encode_prompts(guide, prompts))
+        room = positions - longest_prompt - 1
+        if max_new_tokens * longest_token > room:
+            raise TooLongError(
+                f"the {role} guide ({models[role].path}) takes {positions} positions and reads the strong model's "
+                f"text in its own tokens: a prompt of up to {longest_prompt} and {max_new_tokens} new strong tokens of "
+                f"up to {longest_token} {role} tokens each do not fit; lower sampling.max_new_tokens to "
+                f"{room // longest_token} or less")
+
+
 def run_search(config: SearchConfig, run: RunDir, seed: int = 0, workers: Workers | None = None) -> dict:
     """One run at run seed `seed`. `workers`: the calling job's hosts (None: started here)."""
     config = offset_seeds(config, seed)
@@ -145,13 +179,22 @@ def run_search(config: SearchConfig, run: RunDir, seed: int = 0, workers: Worker
     if config.models is not None:
         return _search_own_models(config, run, workers)
     with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
-        prepared = prepare(load_prepare(config.prepare, config.cache_dir, seed), workers=workers)
+        prepare_config = load_prepare(config.prepare, config.cache_dir, seed)
+        prepared = prepare(prepare_config, workers=workers)
         run.link("data", prepared.data)
-        models = guide_models(prepared)
+        models, references = guide_models(prepared), dict(prepared.models)
+        if config.strong is not None:  # a strong base of its own (another tokenizer, size or corpus view)
+            references[OWN_STRONG] = pretrained_base(Cache(config.cache_dir), prepared.world, prepared.world_key,
+                                                     prepared.data, config.strong, OWN_STRONG,
+                                                     max_length_of(prepare_config), workers)
+            models["strong"] = ModelSpec(path=str(references[OWN_STRONG]))
         shared = check_guides(models, config.scoring, config.eft)
+        if not shared:
+            prompts = pq.read_table(prepared.data / "eval_prompts.parquet", columns=["prompt"])["prompt"].to_pylist()
+            check_guide_room(models, prompts, config.sampling.max_new_tokens)
         # the held-out prompts with the reference models' greedy answers (the analysis reads the weak model's)
         references, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet",
-                                                prepared.models, config.generation, workers)
+                                                references, config.generation, workers)
         run.update_metrics({"models": references})
         tokenizer = load_tokenizer(models["strong"].path)
         guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
@@ -177,6 +220,8 @@ def _search_own_models(config: SearchConfig, run: RunDir, workers: Workers | Non
         tokenizer = load_tokenizer(strong.path, strong.trust_remote_code)
         texts = [render_prompt(p, chat, tokenizer) for p, chat in zip(prompts["prompt"].to_pylist(),
                                                                       prompts["chat"].to_pylist())]
+        if not shared:
+            check_guide_room(models, texts, config.sampling.max_new_tokens)
         guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
         searched = _run_methods(config, guides, texts)
         responses.update({name: result.pop("answers") for name, result in searched.items()})
@@ -310,7 +355,8 @@ def _sweep(config: SearchConfig, results: dict, keys: tuple[str, ...]) -> list[d
 
 
 def method_table(references: dict, methods: dict) -> list[dict]:
-    table = [{"model": n, **references[n], "pgr": None, "strong_tokens_per_prompt": None} for n in REFERENCES]
+    table = [{"model": n, **references[n], "pgr": None, "strong_tokens_per_prompt": None}
+             for n in [*REFERENCES, OWN_STRONG] if n in references]
     return table + [{"model": name, **{k: r[k] for k in ("helpful", "harmless", "total", "pgr",
                                                           "strong_tokens_per_prompt")}} for name, r in methods.items()]
 

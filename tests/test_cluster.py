@@ -104,16 +104,8 @@ TINY_JOB = """
 import ray
 
 ray.init()  # RAY_ADDRESS is set by the job manager
-
-
-@ray.remote
-def square(x):
-    return x * x
-
-
-print("W2S_RESULT", sum(ray.get([square.remote(i) for i in range(10)])))
+print("W2S_RESULT", ray.get(ray.remote(lambda: 1).remote()))
 """
-EXPECTED = "W2S_RESULT 285"
 
 
 @pytest.fixture
@@ -144,13 +136,8 @@ def test_job_submit_with_token_auth(token_head, tiny_cache, tiny_wspo, tmp_path)
     assert http_status(url + "/api/jobs/", token="0" * 64) == 403
     assert http_status(url + "/api/jobs/", token=token) == 200
 
-    ok = run(submit, env, 150)
-    out = ok.stdout + ok.stderr
-    assert ok.returncode == 0, out
-    assert "succeeded" in out and EXPECTED in out, out
-
-    # A method job of the project, as a user submits it: WSPO on the tiny world (its stages are in the tests'
-    # cache, built by the same job run locally: tiny_wspo), ending with the same numbers.
+    # With the token, a method job of the project, as a user submits it: WSPO on the tiny world (its stages are in
+    # the tests' cache, built by the same job run locally: tiny_wspo), ending with the same numbers.
     runs, cache = tmp_path / "runs", tiny_cache
     wspo = run([RAY, "job", "submit", f"--address={url}", f"--working-dir={ROOT}", "--", "python", "-m", "jobs.wspo",
                  "--config", "configs/tiny_wspo.yaml", "--set", f"runs_dir={runs}", "--set", f"cache_dir={cache}"],

@@ -244,6 +244,46 @@ def test_search_on_your_own_models_is_judged_by_your_judges(workers, tiny_guide_
         run_search(SearchConfig(**config), RunDir(tmp_path / "runs", "refused"), workers=None)
 
 
+def test_a_strong_model_of_another_tokenizer_is_guided_by_rescoring_its_text(workers, tiny_cache, tiny_guide_models,
+                                                                             tmp_path):
+    """`strong:` pretrains a strong base with a BPE tokenizer trained on the world's corpus. The character-level
+    guides cannot read its token ids: EFT is refused, and `scoring: full` guides it by re-scoring the decoded text,
+    so each response's guide score is the tuned minus the untuned log-prob of that text (and its end of turn) in
+    the guides' own tokens."""
+    from tests.conftest import job_in_process
+    from w2s.modeling import ModelSpec, TokenizerMismatchError, TooLongError, load_model, response_logprobs
+
+    strong = ("{size: {n_layer: 2, n_embd: 32, n_head: 2}, bpe_vocab_size: 128, train: {mode: lm, lr: 3.0e-3, "
+              "epochs: 1, batch_size: 32, num_workers: 2}}")
+    overrides = [f"runs_dir={tmp_path}", f"cache_dir={tiny_cache}", "run_name=bpe", f"strong={strong}",
+                 "scoring=full", "budget_sweep=[]"]
+    with pytest.raises(TokenizerMismatchError, match="EFT adds the guides' log-probs"):
+        job_in_process("search", str(ROOT / "configs/tiny_search.yaml"), ROOT, workers, *overrides)
+    # 24 new tokens of up to 4 characters each do not fit the guides' 96 positions: refused, the fix named
+    with pytest.raises(TooLongError, match="lower sampling.max_new_tokens to") as refused:
+        job_in_process("search", str(ROOT / "configs/tiny_search.yaml"), ROOT, workers, *overrides, "eft=false",
+                       "run_name=bpe_long")
+    fits = int(str(refused.value).split("lower sampling.max_new_tokens to ")[1].split()[0])
+    assert 0 < fits < 24
+    job_in_process("search", str(ROOT / "configs/tiny_search.yaml"), ROOT, workers, *overrides, "eft=false",
+                   "run_name=bpe_full", f"sampling.max_new_tokens={fits}")
+    metrics = json.loads((tmp_path / "bpe_full" / "metrics.json").read_text())
+    assert "search_strong_base" in metrics["models"] and set(metrics["methods"]) == {"sampling", "best_of_n", "cbs"}
+    examples = pq.read_table(tmp_path / "bpe_full" / "examples" / "search_generations.parquet").to_pylist()
+    # the strong model's tokens are BPE merges: fewer of them than the characters they spell
+    chars = sum(len(r["sampling_response"]) + 1 for r in examples) / len(examples)  # + its end of turn
+    assert metrics["methods"]["sampling"]["strong_tokens_per_prompt"] < 0.9 * chars
+    [strong_path] = tiny_cache.glob("search_strong_base-*/model")
+    assert len(load_model(ModelSpec(path=str(strong_path)))[1]) == 128
+    summed = {}
+    for role in ("tuned", "untuned"):
+        model, tokenizer = load_model(tiny_guide_models[0][role])
+        summed[role] = np.array([float(np.sum(x, dtype=np.float64)) for x in response_logprobs(
+            model, tokenizer, [r["prompt"] for r in examples], [r["cbs_response"] for r in examples], 96)])
+    expected = summed["tuned"] - summed["untuned"]
+    assert np.allclose([r["cbs_guide_score"] for r in examples], expected, atol=1e-3), expected
+
+
 def test_the_official_style_loop_gives_the_pipelines_responses(workers, tiny_guide_models):
     """The benchmark's two sides, one prompt at a time with full re-scoring against batched and incremental, sample
     and select the same responses from the same seeds."""

@@ -210,6 +210,29 @@ class World:
         return rows
 
 
+BPE_TOKEN_CHARS = 4
+
+
+def build_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A BPE tokenizer of `vocab_size` tokens trained on `texts` (a world corpus): a strong model of another
+    tokenizer than the world's character-level one (weak-to-strong search across vocabularies). Spaces become
+    word starts (Metaspace), so a response's first word is its own token, whatever prompt it follows. Tokens
+    spell at most BPE_TOKEN_CHARS characters: the character-level guides re-read a strong response as text, and
+    their few positions must hold its longest possible spelling (pipelines.search.check_guide_room)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = "\u2581"
+    backend = Tokenizer(models.BPE(unk_token=UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="never")
+    backend.decoder = decoders.Metaspace(replacement=space, prepend_scheme="never")
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK], initial_alphabet=list(ALPHABET.replace(" ", space)),
+        max_token_length=BPE_TOKEN_CHARS, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, bos_token=EOS, unk_token=UNK)
+
+
 def build_tokenizer():
     """The character-level tokenizer shared by every model of the world (a real HF fast tokenizer)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
