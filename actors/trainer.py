@@ -287,11 +287,24 @@ def hidden_size(model_config) -> int:
     return getattr(model_config, "hidden_size", None) or model_config.n_embd
 
 
+def skip_inference_comm_op() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory C++ op when it starts (about a
+    minute on 2 cores, again for every new environment, and seen to happen again in a test run for no cause
+    found). It serves only `inference_all_reduce` (tensor-parallel inference); ZeRO-3 training on gloo never
+    calls it. Marked incompatible, it is skipped (deepspeed.comm.torch.build_shm_op). Call before DeepSpeed
+    initialises its backend: ZeRO-3's partitioned load (zero.Init) does that, before the engine."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
     """Wrap `model` in a DeepSpeed engine (ZeRO stage of `config`) with AdamW on its trainable
     parameters and a linear warm-up + cosine schedule. Returns (engine, scheduler)."""
     import deepspeed
     import torch
+
+    skip_inference_comm_op()
 
     warmup = int(config.warmup_ratio * total_steps)
 
@@ -329,6 +342,7 @@ def _serve(loop_config: dict) -> None:
     import torch
 
     _quiet_worker()
+    skip_inference_comm_op()
     queue = loop_config["queue"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -128,10 +128,7 @@ def local_head(home: Path, num_cpus: float = 2, node_types: dict | None = None, 
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS
     # Our venv first on PATH, so the job's `python` is the one that has Ray.
     path = os.pathsep.join([os.path.dirname(RAY), os.environ.get("PATH", "")])
-    base.update(HOME=str(home), PATH=path, RAY_USAGE_STATS_ENABLED="0",
-                # The real cache (torch finds DeepSpeed's CPU op there, built once by `make setup`, by its own
-                # folder rule): not compiled again under the sandboxed HOME, a minute on 2 cores.
-                XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")))
+    base.update(HOME=str(home), PATH=path, RAY_USAGE_STATS_ENABLED="0")
     env = dict(base, RAY_AUTH_MODE="token")
     gen = run([RAY, "get-auth-token", "--generate"], env, 60)
     assert gen.returncode == 0, gen.stderr
