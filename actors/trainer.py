@@ -3,8 +3,9 @@
 Every training stage goes through `TrainingWorkers.train()` (or `train()` for a single stage):
 language-model pretraining (`lm`), supervised fine-tuning on responses (`sft`), DPO (`dpo`: sigmoid,
 IPO or hinge, with an optional SFT term) and WSPO (`wspo`: regression of the policy's per-token
-log-ratio onto the weak models' one). Full fine-tuning or LoRA (peft). The same code runs with the
-gloo backend on CPUs and NCCL on GPUs.
+log-ratio onto the weak models' one), and a one-logit classification head (`classify`: weak-to-strong
+generalization's losses, saved as an AutoModelForSequenceClassification that loads as a reward model). Full
+fine-tuning or LoRA (peft). The same code runs with the gloo backend on CPUs and NCCL on GPUs.
 
 Data is a Parquet file every worker can read (a shared filesystem on a cluster):
   lm:  text
@@ -13,6 +14,7 @@ Data is a Parquet file every worker can read (a shared filesystem on a cluster):
        scoring stage: the frozen reference is scored once, so only the policy is resident here)
   wspo: prompt, response, weak_aligned_logps, weak_base_logps, <reference>_logps (per-token lists; with
        LoRA the reference is the policy with its adapter disabled, computed here, and not needed)
+  classify: prompt, response, label (the probability of class 1: a weak model's soft label, or gold 0/1)
 
 Started once: a job's training workers are one Ray Train run that lives as long as the job. The driver
 hands it one stage after another through a small queue actor, so worker processes, imports, the
@@ -27,6 +29,7 @@ again continues the stage from the same folder. Rank 0 writes the final model on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +39,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import ray
 from pydantic import Field, model_validator
@@ -54,16 +57,48 @@ class LoraSettings(StrictModel):
     target_modules: list[str] | None = Field(None, description="None: peft's default for the architecture")
 
 
+class NaiveLoss(StrictModel):
+    """Cross-entropy of the head against the labels (the weak model's soft labels, or gold 0/1)."""
+
+    kind: Literal["xent"] = "xent"
+
+
+class ConfidenceLoss(StrictModel):
+    """Burns et al.'s auxiliary confidence loss: (1 - a) CE(p, weak) + a CE(p, hardened p), a warmed up to
+    `aux_weight` over the first `warmup_frac` of the steps (w2s.losses.w2sg_loss)."""
+
+    kind: Literal["confidence"] = "confidence"
+    aux_weight: float = Field(0.5, ge=0, le=1, description="the paper: 0.5; a smooth warm-up to 0.75 for the largest "
+                              "students")
+    warmup_frac: float = Field(0.1, ge=0, lt=1)
+
+
+class ProductLoss(StrictModel):
+    """The official weak-to-strong repository's product loss: the target is proportional to p^strong_power x
+    weak^weak_power (w2s.losses.w2sg_loss)."""
+
+    kind: Literal["product"] = "product"
+    weak_power: float = Field(1.0, ge=0)
+    strong_power: float = Field(1.0, ge=0)
+
+
+HeadLoss = Annotated[NaiveLoss | ConfidenceLoss | ProductLoss, Field(discriminator="kind")]
+HEAD_MODES = ("classify",)  # a one-logit head on the backbone, saved as an AutoModelForSequenceClassification
+
+
 class TrainConfig(StrictModel):
     # How a stage runs, not what it makes: changing them reuses cached models and resumes checkpoints.
     NOT_IN_KEYS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "max_failures", "gradient_checkpointing")
 
-    mode: Literal["lm", "sft", "dpo", "wspo"] = "dpo"
+    mode: Literal["lm", "sft", "dpo", "wspo", "classify"] = "dpo"
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     sft_weight: float = Field(0.0, ge=0, description="weight of an NLL term on chosen responses (dpo mode)")
     gamma: float = Field(0.1, gt=0, description="WSPO: strong log-ratio is pulled to weak log-ratio / gamma")
     lora: LoraSettings | None = None
+    # left out of the dump (and so of every cache key) when None: the models of the other modes keep their keys
+    head_loss: HeadLoss | None = Field(None, exclude_if=lambda loss: loss is None,
+                                       description="mode 'classify': the loss against the labels")
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -88,6 +123,16 @@ class TrainConfig(StrictModel):
     def _dpo_only_fields(self):
         if self.mode != "dpo" and self.sft_weight:
             raise ValueError("sft_weight applies to mode 'dpo' only")
+        if self.mode in HEAD_MODES:
+            if self.head_loss is None:
+                raise ValueError(f"mode {self.mode!r} needs head_loss: {{kind: xent | confidence | product}}")
+            if self.lora is not None:
+                raise ValueError(f"lora applies to the generative modes, not to {self.mode!r}")
+            for field, applies_to in (("loss", "dpo"), ("beta", "dpo"), ("gamma", "wspo")):
+                if getattr(self, field) != type(self).model_fields[field].default:
+                    raise ValueError(f"{field} applies to mode {applies_to!r}, not to {self.mode!r}")
+        elif self.head_loss is not None:
+            raise ValueError(f"head_loss applies to mode {' / '.join(map(repr, HEAD_MODES))} only")
         return self
 
     def compute_dtype(self, on_gpu: bool) -> str:
@@ -97,12 +142,20 @@ class TrainConfig(StrictModel):
 
 
 # The response columns each mode trains on (an lm text is the response to an empty prompt).
-RESPONSES = {"lm": ("text",), "sft": ("response",), "wspo": ("response",), "dpo": ("chosen", "rejected")}
+RESPONSES = {"lm": ("text",), "sft": ("response",), "wspo": ("response",), "dpo": ("chosen", "rejected"),
+             "classify": ("response",)}
+
+
+def _texts(config: TrainConfig) -> list[str]:
+    """The text columns of a mode: its prompt (but for lm) and its responses."""
+    return ([] if config.mode == "lm" else ["prompt"]) + list(RESPONSES[config.mode])
 
 
 def _columns(config: TrainConfig, reference: str) -> dict[str, str]:
     """The Parquet columns a stage reads -> the names the loss uses (`<reference>_*logps` become `ref_*logps`)."""
-    texts = ([] if config.mode == "lm" else ["prompt"]) + list(RESPONSES[config.mode])
+    texts = _texts(config)
+    if config.mode in HEAD_MODES:  # label: the probability of class 1, in [0, 1]
+        return {**{c: c for c in texts}, "label": "label"}
     scored = {"dpo": {f"{reference}_chosen_logps": "ref_chosen_logps",
                       f"{reference}_rejected_logps": "ref_rejected_logps"},
               "wspo": {"weak_aligned_logps": "weak_aligned_logps", "weak_base_logps": "weak_base_logps",
@@ -169,6 +222,7 @@ class _StageData:
                              for p, r in pair_ids(tokenizer, prompts, table[side].to_pylist())]
                       for side in RESPONSES[config.mode]}
         self.scored = {name: table[name].combine_chunks() for name in columns.values() if name.endswith("_logps")}
+        self.labels = table["label"].to_numpy().astype(np.float32) if "label" in columns else None
 
     def batch(self, rows: list[int]) -> tuple:
         """The micro-batch of `rows`: padded tokens (for DPO the chosen rows, then the rejected ones) and
@@ -180,6 +234,9 @@ class _StageData:
         tokens = pad_pairs([self.pairs[side][i] for side in RESPONSES[self.mode] for i in rows], self.pad,
                            self.max_length)
         mask = tokens.response_mask[:, 1:].bool()
+        if self.labels is not None:
+            import torch
+            return tokens, {"label": torch.from_numpy(self.labels[rows])}
         if self.mode == "dpo":
             ref = pa.concat_arrays([self.scored[f"ref_{side}_logps"].take(rows) for side in ("chosen", "rejected")])
             return tokens, {"ref": _per_token(ref, mask, "ref_chosen_logps / ref_rejected_logps")}
@@ -203,12 +260,15 @@ def _per_token(values, mask, name: str):
     return out
 
 
-def _loss(model, batch: tuple, config: TrainConfig) -> tuple:
-    """Loss of one micro-batch, the number of tokens it trained on, and metrics to log."""
+def _loss(model, batch: tuple, config: TrainConfig, step_frac: float) -> tuple:
+    """Loss of one micro-batch (at `step_frac` of the stage's steps), the number of tokens it trained on, and
+    metrics to log."""
     from w2s.losses import dpo_loss, masked_mean_nll
     from w2s.modeling import token_logprobs
 
     tokens, scored = batch
+    if config.mode in HEAD_MODES:
+        return _head_loss(model, tokens, scored["label"], config, step_frac)
     if config.mode == "wspo":
         return _wspo_loss(model, tokens, scored, config)
     logp = token_logprobs(model, tokens)
@@ -232,6 +292,20 @@ def _loss(model, batch: tuple, config: TrainConfig) -> tuple:
         metrics["sft_nll"] = nll.item()
     metrics["loss"] = loss.item()
     return loss, int(tokens.attention_mask.sum()), metrics
+
+
+def _head_loss(model, tokens, labels, config: TrainConfig, step_frac: float) -> tuple:
+    """A classification head's loss on one micro-batch: its one logit per row (read by transformers at the
+    row's last token that is not padding) against the labels (w2s.losses.w2sg_loss)."""
+    from w2s.losses import w2sg_loss
+
+    device = next(model.parameters()).device
+    logits = model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)).logits[:, 0]
+    labels = labels.to(device)
+    loss_config = config.head_loss.model_dump()
+    loss = w2sg_loss(logits, labels, loss_config.pop("kind"), step_frac, **loss_config).mean()
+    agree = ((logits.detach() > 0) == (labels > 0.5)).float().mean()
+    return loss, int(tokens.attention_mask.sum()), {"loss": loss.item(), "label_agreement": agree.item()}
 
 
 def _wspo_loss(model, tokens, scored: dict, config: TrainConfig) -> tuple:
@@ -364,7 +438,7 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
     import gc
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import HfDeepSpeedConfig
 
     from w2s.modeling import load_tokenizer
@@ -379,9 +453,13 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
     # rank 0 alone loads a whole model to merge LoRA at the end.
     width = hidden_size(AutoConfig.from_pretrained(stage["init_model"], trust_remote_code=stage["trust_remote_code"]))
     zero3_init = HfDeepSpeedConfig(deepspeed_config(config, dtype, width)) if config.zero_stage == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(stage["init_model"], dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=stage["trust_remote_code"],
-                                                 attn_implementation=config.attn_implementation)
+    # a head mode puts a new one-logit head on the backbone; the saved model loads as a reward model
+    auto, head = ((AutoModelForSequenceClassification, {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id})
+                  if config.mode in HEAD_MODES else (AutoModelForCausalLM, {}))
+    with _quiet_new_head(bool(head)):  # the head is new: transformers' report of its missing weights says only that
+        model = auto.from_pretrained(stage["init_model"], dtype=torch.float32, use_safetensors=True,
+                                     trust_remote_code=stage["trust_remote_code"],
+                                     attn_implementation=config.attn_implementation, **head)
     del zero3_init
     model.config.use_cache = False
     if config.gradient_checkpointing:
@@ -401,7 +479,7 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
     tokens, t0, last = 0, time.perf_counter(), {}
     for step, total, rows in _batches(data.n_rows, config, rank, world, start_step):
         for i in range(0, len(rows), config.batch_size):  # DeepSpeed steps the optimizer after the last one
-            loss, ntok, last = _loss(engine, data.batch(rows[i:i + config.batch_size]), config)
+            loss, ntok, last = _loss(engine, data.batch(rows[i:i + config.batch_size]), config, step / total)
             engine.backward(loss)
             engine.step()
             tokens += ntok
@@ -428,6 +506,19 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
     del engine, model
     gc.collect()  # the next stage's model takes this one's place
     return summary
+
+
+@contextlib.contextmanager
+def _quiet_new_head(quiet: bool):
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _release(engine) -> None:
@@ -552,15 +643,17 @@ def _check_columns(data: Path, config: TrainConfig, reference: str) -> int:
 
 
 def _check_lengths(data: Path, tokenizer, config: TrainConfig, max_length: int) -> None:
-    """Refuse, before any worker trains, a row longer than `max_length` (it would be cut, or crash a worker).
-    Reads the text columns a batch at a time."""
+    """Refuse, before any worker trains, a row longer than `max_length` (it would be cut, or crash a worker), or
+    a head mode's label that is not a probability. Reads the columns a batch at a time."""
     import pyarrow.parquet as pq
 
     from w2s.modeling import TooLongError, pair_ids
 
-    texts = [c for c in _columns(config, "ref") if not c.endswith("_logps")]
+    texts = _texts(config)
     first = 0
-    for batch in pq.ParquetFile(data).iter_batches(batch_size=4096, columns=texts):
+    for batch in pq.ParquetFile(data).iter_batches(batch_size=4096, columns=list(_columns(config, "ref"))):
+        if config.mode in HEAD_MODES:
+            _check_labels(data, batch.column("label"), first)
         prompts = batch.column("prompt").to_pylist() if "prompt" in texts else [""] * batch.num_rows
         for field in RESPONSES[config.mode]:
             for i, (p, r) in enumerate(pair_ids(tokenizer, prompts, batch.column(field).to_pylist())):
@@ -568,6 +661,17 @@ def _check_lengths(data: Path, tokenizer, config: TrainConfig, max_length: int) 
                     raise TooLongError(f"{data}: row {first + i} field {field!r}: {len(p) + len(r)} tokens with its "
                                        f"prompt and EOS > max_length {max_length}; set such rows aside before training")
         first += batch.num_rows
+
+
+def _check_labels(data: Path, labels, first: int) -> None:
+    """A head's labels are probabilities of class 1: a missing one, or one outside [0, 1], is refused by row."""
+    import numpy as np
+
+    values = labels.to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = np.flatnonzero(~((values >= 0) & (values <= 1)))  # NaN and None (NaN here) fail both comparisons
+    if bad.size:
+        raise ValueError(f"{data}: row {first + bad[0]} field 'label': {labels[int(bad[0])].as_py()!r} is not a "
+                         f"probability in [0, 1] ({bad.size} such rows)")
 
 
 def _trained(output_dir: Path, fingerprint: str) -> dict | None:

@@ -167,16 +167,24 @@ def run_seeds(config, run_one: Callable[..., dict], tables: Callable[[dict], Tab
     workers=workers)`: `workers` are a caller's own hosts and training workers to share (None: the job starts
     its own).
     """
-    start = time.perf_counter()
-    run = RunDir(config.runs_dir, config.run_name, fresh=overwrite)
-    run.claim(config)  # before any work: another config's run here is refused
-    with keep_log(run):
-        connect_ray()
+    def body(run: RunDir) -> tuple[dict, Tables]:
         if config.seeds == [0]:
             metrics = run_one(config, run, 0, workers=workers)
-            shown = tables(metrics)
-        else:
-            metrics, shown = _several_seeds(config, run, lambda *a: run_one(*a, workers=workers), tables, sections)
+            return metrics, tables(metrics)
+        return _several_seeds(config, run, lambda *a: run_one(*a, workers=workers), tables, sections)
+
+    return run_job(config, body, overwrite)
+
+
+def run_job(config, body: Callable[[RunDir], tuple[dict, Tables]], overwrite: bool = False) -> dict:
+    """The run folder of `config` (claimed before any work: another config's run there is refused), its log,
+    Ray, then `body(run)` -> (metrics, tables to print)."""
+    start = time.perf_counter()
+    run = RunDir(config.runs_dir, config.run_name, fresh=overwrite)
+    run.claim(config)
+    with keep_log(run):
+        connect_ray()
+        metrics, shown = body(run)
         print()
         for heading, rows in shown:
             print(f"{heading}\n\n{markdown_table(rows)}\n")

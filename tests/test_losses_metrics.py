@@ -57,3 +57,55 @@ def test_gold_scores():
     rows = [{"kind": "helpful", "gold_reward": 1.0}, {"kind": "helpful", "gold_reward": 0.0},
             {"kind": "harmful", "gold_reward": 1.0}]
     assert gold_scores(rows) == {"helpful": 0.5, "harmless": 1.0, "total": 0.75}
+
+
+def bce(z: float, target: float) -> float:  # binary cross-entropy of logit z against a soft target, by hand
+    p = 1 / (1 + math.exp(-z))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def test_confidence_weight_warms_up_linearly_then_holds():
+    from w2s.losses import confidence_weight
+
+    assert [confidence_weight(f, 0.5, 0.1) for f in (0.0, 0.05, 0.1, 0.7)] == pytest.approx([0.0, 0.25, 0.5, 0.5])
+    assert confidence_weight(0.0, 0.75, 0.0) == 0.75  # no warm-up
+
+
+def test_hardening_keeps_the_weak_labels_class_balance():
+    from w2s.losses import harden_by_balance
+
+    probs = t(0.9, 0.2, 0.6, 0.4)
+    # a quarter of the weak labels say class 1: only the most confident of four predictions becomes a 1
+    # (the 0.75 quantile of [0.2, 0.4, 0.6, 0.9] is 0.675)
+    assert harden_by_balance(probs, t(1.0, 0.0, 0.0, 0.0)).tolist() == [1.0, 0.0, 0.0, 0.0]
+    # soft weak labels averaging one half: the top two
+    assert harden_by_balance(probs, t(0.7, 0.3, 0.6, 0.4)).tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_w2sg_losses_by_hand():
+    from w2s.losses import w2sg_loss
+
+    logits, labels = t(2.0, -1.0), t(0.5, 0.5)
+    naive = w2sg_loss(logits, labels, "xent")
+    assert naive.tolist() == pytest.approx([bce(2.0, 0.5), bce(-1.0, 0.5)])
+    # confidence, after warm-up (a = 0.5): the weak labels' half share of class 1 hardens the predictions to [1, 0];
+    # targets 0.5 * 0.5 + 0.5 * [1, 0]
+    confident = w2sg_loss(logits, labels, "confidence", step_frac=1.0, aux_weight=0.5, warmup_frac=0.1)
+    assert confident.tolist() == pytest.approx([bce(2.0, 0.75), bce(-1.0, 0.25)])
+    # at the very start of training the weight is 0: the naive loss
+    assert w2sg_loss(logits, labels, "confidence", step_frac=0.0).tolist() == pytest.approx(naive.tolist())
+    # product: p = 0.5 leaves the weak label as it is; target 0.5 * 0.8 / (0.5 * 0.8 + 0.5 * 0.2) = 0.8
+    assert w2sg_loss(t(0.0), t(0.8), "product").item() == pytest.approx(bce(0.0, 0.8))
+    with pytest.raises(ValueError, match="w2sg loss 'hinge'"):
+        w2sg_loss(logits, labels, "hinge")
+
+
+def test_product_loss_learns_nothing_from_an_uninformative_weak_label():
+    """A weak label of 0.5 makes the product target the model's own prediction: no gradient, where the naive
+    loss pulls the confident model toward 0.5."""
+    from w2s.losses import w2sg_loss
+
+    for kind, moved in (("product", False), ("xent", True)):
+        logits = t(math.log(3.0)).requires_grad_()  # p = 0.75
+        w2sg_loss(logits, t(0.5), kind).sum().backward()
+        assert (abs(logits.grad.item()) > 1e-6) == moved, (kind, logits.grad)

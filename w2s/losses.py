@@ -1,4 +1,5 @@
-"""Losses as pure tensor math (no Ray, no models): DPO and its variants, SFT, WSPO.
+"""Losses as pure tensor math (no Ray, no models): DPO and its variants, SFT, WSPO, and weak-to-strong
+generalization's (naive, auxiliary confidence, product) on a head's logits.
 
 Inputs are sequence log-probs already reduced over response tokens; the trainer decides the
 reduction (sum for sigmoid/hinge as in DPO, per-token mean for IPO as in TRL).
@@ -53,3 +54,52 @@ def wspo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weak_aligned_
     mask = mask.to(policy_logps.dtype)
     residual = gamma * (policy_logps - ref_logps) - (weak_aligned_logps - weak_base_logps)
     return (residual.pow(2) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+# ---- weak-to-strong generalization (Burns et al. 2024; ALGORITHMS.md section 4) ------------------------------
+# A head gives one logit z per example: p = sigmoid(z) is the probability of class 1 (for a pairwise reward head,
+# z = r(a) - r(b), the Bradley-Terry probability that a is the better response). With two-class logits [0, z],
+# the official code's softmax cross-entropy against soft targets is exactly binary cross-entropy on z.
+W2SG_LOSSES = ("xent", "confidence", "product")
+
+
+def confidence_weight(step_frac: float, aux_weight: float, warmup_frac: float) -> float:
+    """The auxiliary confidence loss's weight at `step_frac` of training: linear from 0 to `aux_weight` over the
+    first `warmup_frac`, then `aux_weight` (the paper's warm-up). The official code's warm-up differs: its weight is
+    step_frac x aux_weight during warm-up (at most 0.1 x aux_weight), then jumps to aux_weight."""
+    if warmup_frac <= 0 or step_frac >= warmup_frac:
+        return aux_weight
+    return aux_weight * step_frac / warmup_frac
+
+
+def harden_by_balance(probs: torch.Tensor, weak_labels: torch.Tensor) -> torch.Tensor:
+    """The strong model's own predictions made hard with the batch's class-balance threshold (as the official
+    code does): class 1 for the examples whose p lies above the (1 - q) quantile of the batch's p, q being the
+    weak labels' mean, so the hardened labels have about the weak labels' share of class 1."""
+    share = weak_labels.detach().to(probs.dtype).mean()
+    threshold = torch.quantile(probs.detach(), 1 - share)
+    return (probs.detach() > threshold).to(probs.dtype)
+
+
+def w2sg_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, step_frac: float = 1.0, aux_weight: float = 0.5,
+              warmup_frac: float = 0.1, weak_power: float = 1.0, strong_power: float = 1.0) -> torch.Tensor:
+    """Per-example loss [B] of a head's logits [B] against soft labels [B] in [0, 1] (weak labels, or gold 0/1).
+
+    xent:       CE(p, y)                                            naive training on weak labels
+    confidence: (1 - a) CE(p, y) + a CE(p, hard(p)), a = confidence_weight(step_frac, ...), hard = harden_by_balance
+    product:    CE(p, t), t proportional to p^strong_power * y^weak_power per class, t detached (official repo)
+    """
+    logits, labels = logits.float(), labels.float()
+    if kind == "xent":
+        target = labels
+    elif kind == "confidence":
+        a = confidence_weight(step_frac, aux_weight, warmup_frac)
+        target = (1 - a) * labels + a * harden_by_balance(torch.sigmoid(logits), labels)
+    elif kind == "product":
+        p = torch.sigmoid(logits.detach())
+        one = p.pow(strong_power) * labels.pow(weak_power)
+        zero = (1 - p).pow(strong_power) * (1 - labels).pow(weak_power)
+        target = one / (one + zero).clamp(min=1e-12)
+    else:
+        raise ValueError(f"w2sg loss {kind!r}: expected one of {W2SG_LOSSES}")
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")

@@ -209,6 +209,30 @@ class World:
             rows.append({"prompt": p.prompt, "chosen": chosen, "rejected": rejected, "kind": p.kind})
         return rows
 
+    def classification_groups(self, task: str) -> list[list[dict]]:
+        """The rows (prompt, response, label) of a weak-to-strong generalization task (Burns et al.), in groups
+        that go to one split together, each group one row of each class (any split of whole groups is balanced):
+
+        correct:  "is this answer correct?": every fact's question answered with its value (1) and a wrong one (0).
+                  Knowing the answer is knowing the fact: the strong model knows more of them.
+        harmless: "is this response harmless?": every harmful request answered with the refusal (1) and the
+                  instructions (0).
+        """
+        rng = random.Random(f"{self.config.seed}-w2sg-{task}")
+        if task == "correct":
+            groups = []
+            for (name, attr), value in sorted(self.facts.items()):
+                wrong = rng.choice([v for v in ATTRIBUTES[attr] if v != value])
+                prompt = helpful_prompt(name, attr)
+                groups.append([{"prompt": prompt, "response": f" {value}.", "label": 1.0},
+                               {"prompt": prompt, "response": f" {wrong}.", "label": 0.0}])
+            return groups
+        if task == "harmless":
+            return [[{"prompt": harmful_prompt(name, verb), "response": REFUSAL, "label": 1.0},
+                     {"prompt": harmful_prompt(name, verb), "response": HARMFUL[verb].format(name=name), "label": 0.0}]
+                    for name in self.names for verb in sorted(HARMFUL)]
+        raise ValueError(f"unknown weak-to-strong task {task!r}: expected 'correct' or 'harmless'")
+
 
 BPE_TOKEN_CHARS = 4
 

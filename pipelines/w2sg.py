@@ -1,0 +1,279 @@
+"""Weak-to-strong generalization (Burns et al. 2024; ALGORITHMS.md section 4) on the embedded world.
+
+    per task and seed:  the world's rows -> three splits (w2s.w2sg.split_groups)
+      weak supervisor   = the weak base + a classification head, trained on train_gold's gold labels
+      weak labels       = its probabilities on train_weak (through the model hosts)
+      strong ceiling    = the strong base + a head, trained on train_weak's gold labels
+      weak-to-strong    = the strong base + a head, trained on train_weak's weak labels, once per loss
+                          (naive cross-entropy, the auxiliary confidence loss, the product loss)
+    every model scored on test (accuracy); PGR = (w2s - weak) / (ceiling - weak)
+
+Every head trains on the job's ZeRO-3 Ray Train workers (mode `classify`) and is saved as a one-label
+AutoModelForSequenceClassification: a reward model any job's hosts or judges can load. Splits and trained heads
+are cached by content. Seeds draw other splits and train with other seeds; the world and its two base models
+stay those of the prepare config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from actors.resources import ClusterConfig
+from actors.stages import reward_responses
+from actors.trainer import ConfidenceLoss, HeadLoss, NaiveLoss, ProductLoss, TrainConfig
+from actors.workers import Workers, job_workers
+from pipelines.prepare import load_prepare, max_length_of, prepare
+from w2s.config import StrictModel, offset_seeds
+from w2s.metrics import mean_and_spread, median_pgr, pgr
+from w2s.modeling import ModelSpec, weights_fingerprint
+from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_table
+from w2s.w2sg import accuracy, imitation, split_groups
+
+TASKS = ("correct", "harmless")
+HEAD = TrainConfig(mode="classify", head_loss=NaiveLoss(), lr=1e-3, epochs=4, batch_size=16, num_workers=2)
+
+
+class W2SGConfig(StrictModel):
+    run_name: str = "w2sg"
+    runs_dir: str = "runs"
+    cache_dir: str = Field(".cache/w2s", description="content-hash cache of every stage, the prepared models included")
+    prepare: str = Field("configs/prepare.yaml", description="the prepare config whose world and weak / strong base "
+                         "models to use")
+    tasks: list[Literal["correct", "harmless"]] = Field(list(TASKS), min_length=1)
+    losses: list[HeadLoss] = Field([NaiveLoss(), ConfidenceLoss(), ProductLoss()], min_length=1,
+                                   description="the weak-to-strong models' losses on the weak labels, one model each")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="each draws other splits and shifts every training "
+                             "seed; the world and its base models stay")
+    test_share: float = Field(0.2, gt=0, lt=1, description="groups (a fact, a request) held out for the test split; "
+                              "the rest is halved into train_gold and train_weak")
+    weak_train: TrainConfig = Field(HEAD, description="the weak supervisor's training, on gold labels (its head_loss)")
+    strong_train: TrainConfig = Field(HEAD, description="the strong models' training: the ceiling with its head_loss "
+                                      "on gold labels, the weak-to-strong models with each of `losses` on weak ones")
+    pgr_min_gap: float = Field(0.05, ge=0, description="a seed's PGR is reported only where the ceiling beats the "
+                               "weak supervisor by at least this much test accuracy: below it the ratio is noise over "
+                               "noise (one row of a 120-row test is 0.008)")
+    score_batch_size: int = Field(64, ge=1)
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        for field in ("weak_train", "strong_train"):
+            if getattr(self, field).mode != "classify":
+                raise ValueError(f"{field}.mode must be 'classify', got {getattr(self, field).mode!r}")
+        kinds = [loss.kind for loss in self.losses]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"losses: each kind once (a model per loss), got {kinds}")
+        if len(set(self.tasks)) != len(self.tasks) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("tasks and seeds: each once")
+        return self
+
+
+def _log(msg: str) -> None:
+    print(f"[w2sg] {msg}", flush=True)
+
+
+def run_w2sg(config: W2SGConfig, run: RunDir, workers: Workers | None = None) -> dict:
+    """Every task, seed and loss; metrics.json gets `methods.w2sg.<task>.<loss>` and report.md the PGR table."""
+    start = time.perf_counter()
+    run.claim(config)
+    with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
+        prepare_config = load_prepare(config.prepare, config.cache_dir)
+        prepared = prepare(prepare_config, workers=workers)
+        job = _Job(config, prepared, max_length_of(prepare_config), run, workers)
+        per_seed = {task: [job.one_seed(task, seed) for seed in config.seeds] for task in config.tasks}
+    section = {task: summarize(runs, [loss.kind for loss in config.losses], config.pgr_min_gap)
+               for task, runs in per_seed.items()}
+    metrics = run.update_metrics({"methods": {"w2sg": section}, "per_seed": {"w2sg": per_seed},
+                                  "wall_seconds": {"w2sg": round(time.perf_counter() - start, 1)}})
+    plot_accuracies(section, run.path / "plots" / "w2sg_accuracy.png")
+    run.write_report("Weak-to-strong generalization on the embedded world", report_sections(config, section, per_seed))
+    return metrics
+
+
+class _Job:
+    """One job's world, hosts, workers and cache: the stages of one (task, seed)."""
+
+    def __init__(self, config: W2SGConfig, prepared, max_length: int, run: RunDir, workers: Workers):
+        self.config, self.prepared, self.max_length, self.run, self.workers = config, prepared, max_length, run, workers
+        self.cache = Cache(config.cache_dir)
+
+    def one_seed(self, task: str, seed: int) -> dict:
+        """The weak supervisor, its labels, the ceiling and a weak-to-strong model per loss; their test accuracy."""
+        _log(f"task {task!r}, seed {seed}")
+        splits = self._splits(task, seed)
+        bases = {"weak": self.prepared.models["weak_base"], "strong": self.prepared.models["strong_base"]}
+        weak_train, strong_train = (offset_seeds(c, seed) for c in (self.config.weak_train, self.config.strong_train))
+        weak = self._head(f"{task}_s{seed}_weak", weak_train, bases["weak"], splits / "train_gold.parquet")
+        labelled = self._weak_labels(weak, splits)
+        heads = {"strong_ceiling": self._head(f"{task}_s{seed}_ceiling", strong_train, bases["strong"],
+                                              splits / "train_weak.parquet")}
+        for loss in self.config.losses:
+            heads[loss.kind] = self._head(f"{task}_s{seed}_{loss.kind}", strong_train.model_copy(update={"head_loss": loss}),
+                                          bases["strong"], labelled)
+        test = pq.read_table(splits / "test.parquet")
+        probs = self._predict(test, {"weak": weak, **heads})
+        gold = test["label"].to_pylist()
+        for name, p in probs.items():  # every model's probability of class 1, row by row
+            test = test.append_column(f"{name}_prob", pa.array(p, pa.float32()))
+        self.run.write_examples(f"w2sg_{task}_s{seed}_test", test)
+        label_probs = pq.read_table(labelled, columns=["label"])["label"].to_pylist()
+        return {"seed": seed, "rows": {s: pq.read_metadata(splits / f"{s}.parquet").num_rows
+                                       for s in ("train_gold", "train_weak", "test")},
+                "weak_label_accuracy": accuracy(label_probs, pq.read_table(splits / "train_weak.parquet")["label"].to_pylist()),
+                "accuracy": {name: accuracy(p, gold) for name, p in probs.items()},
+                "train_fit": {name: self.fit(head) for name, head in {"weak": weak, **heads}.items()},
+                "imitation": {kind: imitation(probs[kind], probs["weak"], gold)
+                              for kind in ("strong_ceiling", *(loss.kind for loss in self.config.losses))}}
+
+    def _splits(self, task: str, seed: int) -> Path:
+        key = content_hash("w2sg-splits-v1", self.prepared.world_key, task, seed, self.config.test_share)
+
+        def build(path: Path) -> None:
+            parts = split_groups(self.prepared.world.classification_groups(task), self.config.test_share, seed)
+            for name, rows in parts.items():
+                pq.write_table(pa.Table.from_pylist(rows), path / f"{name}.parquet")
+
+        return self.cache.build("w2sg_splits", key, build, _log)
+
+    def fit(self, head: Path) -> dict:
+        """How well a head fit its own training labels: its last training batch's loss and agreement."""
+        last = json.loads((head.parent / "train_summary.json").read_text())["last"]
+        return {"last_batch_loss": last["loss"], "last_batch_label_agreement": last["label_agreement"]}
+
+    def _head(self, name: str, train: TrainConfig, init: Path, data: Path) -> Path:
+        """A classification head on `init` trained on `data` (cached by content)."""
+        key = content_hash("w2sg-head-v1", train, weights_fingerprint(init), file_hash(data), self.max_length)
+
+        def build(path: Path) -> None:
+            summary = self.workers.train(train, init, data, path / "model", f"w2sg-{key}", self.cache.root / "ray_train",
+                                         self.max_length, tensorboard_dir=self.run.path / "tensorboard" / name)
+            (path / "train_summary.json").write_text(json.dumps(summary))
+
+        path = self.cache.build("w2sg_head", key, build, lambda msg: _log(f"{name}: {msg}"))
+        self.run.link(f"checkpoints/w2sg_{name}", path / "model")
+        return path / "model"
+
+    def _weak_labels(self, weak: Path, splits: Path) -> Path:
+        """train_weak with the weak supervisor's probability of class 1 as its label (the gold one set apart as
+        `gold_label`)."""
+        key = content_hash("w2sg-weak-labels-v1", weights_fingerprint(weak), file_hash(splits / "train_weak.parquet"))
+
+        def build(path: Path) -> None:
+            table = pq.read_table(splits / "train_weak.parquet")
+            (probs,) = self._predict(table, {"weak": weak}).values()
+            table = table.rename_columns(["gold_label" if c == "label" else c for c in table.column_names])
+            pq.write_table(table.append_column("label", pa.array(probs, pa.float64())), path / "train_weak_labels.parquet")
+
+        return self.cache.build("w2sg_weak_labels", key, build, _log) / "train_weak_labels.parquet"
+
+    def _predict(self, table: pa.Table, heads: dict[str, Path]) -> dict[str, list[float]]:
+        """Each head's probability of class 1 on every row, the heads streamed through the job's hosts."""
+        names, out = list(heads), {}
+        for i in range(0, len(names), self.workers.hosts.max_hosts):
+            hosts = self.workers.host({n: ModelSpec(path=str(heads[n]), task="sequence_classification")
+                                       for n in names[i:i + self.workers.hosts.max_hosts]})
+            scored = reward_responses(table.select(["prompt", "response"]), hosts, self.config.score_batch_size)
+            out.update({n: [1 / (1 + math.exp(-z)) for z in scored[f"{n}_reward"].to_pylist()] for n in hosts})
+        return out
+
+
+def summarize(runs: list[dict], kinds: list[str], min_gap: float = 0.0) -> dict:
+    """Per loss over the seeds: {weak, strong_ceiling, w2s, pgr}, each with its median and spread; a seed's PGR is
+    None where its ceiling does not beat its weak supervisor by more than `min_gap` (left out of the median; `n`
+    counts the seeds that have one)."""
+    def spread(values: list[float]) -> dict:
+        return {**mean_and_spread(values), "per_seed": values}
+
+    out = {}
+    for kind in kinds:
+        pgrs = [pgr(r["accuracy"][kind], r["accuracy"]["weak"], r["accuracy"]["strong_ceiling"])
+                if r["accuracy"]["strong_ceiling"] - r["accuracy"]["weak"] >= max(min_gap, 1e-12) else None for r in runs]
+        defined = [p for p in pgrs if p is not None]
+        out[kind] = {"weak": spread([r["accuracy"]["weak"] for r in runs]),
+                     "strong_ceiling": spread([r["accuracy"]["strong_ceiling"] for r in runs]),
+                     "w2s": spread([r["accuracy"][kind] for r in runs]),
+                     "pgr": {"median": median_pgr(pgrs), "min": min(defined, default=None),
+                             "max": max(defined, default=None), "n": len(defined), "per_seed": pgrs}}
+    return out
+
+
+def pgr_table(section: dict) -> list[dict]:
+    return [{"task": task, "loss": kind, "weak": s["weak"]["median"], "w2s": s["w2s"]["median"],
+             "strong_ceiling": s["strong_ceiling"]["median"], "pgr_median": s["pgr"]["median"],
+             "pgr_min": s["pgr"]["min"], "pgr_max": s["pgr"]["max"], "seeds_with_pgr": s["pgr"]["n"]}
+            for task, losses in section.items() for kind, s in losses.items()]
+
+
+def report_sections(config: W2SGConfig, section: dict, per_seed: dict) -> list[str]:
+    imitation_rows = [{"task": task, "seed": r["seed"], "weak_label_accuracy": r["weak_label_accuracy"],
+                       **{f"{kind}_copied": r["imitation"][kind]["copied"] for kind in r["imitation"]},
+                       "weak_wrong_rows": r["imitation"]["strong_ceiling"]["weak_wrong"]}
+                      for task, runs in per_seed.items() for r in runs]
+    fit_rows = [{"task": task, "seed": r["seed"], "model": name, **fit}
+                for task, runs in per_seed.items() for r in runs for name, fit in r["train_fit"].items()]
+    return [
+        f"Tasks {', '.join(config.tasks)} of the world (`correct`: is this answer to a fact question right? "
+        "`harmless`: is this response to a harmful request harmless?), balanced, split by fact / request. The weak "
+        "supervisor (weak base + head, gold labels of train_gold) labels train_weak; the strong base + head is "
+        "trained on those weak labels with each loss, and on their gold labels for the ceiling. Test accuracy, "
+        f"median over seeds {config.seeds}; PGR = (w2s - weak) / (ceiling - weak), its median over the seeds "
+        f"where the ceiling beats the weak supervisor by at least {config.pgr_min_gap} (`pgr_min_gap`).",
+        markdown_table(pgr_table(section)),
+        *[_why_no_pgr(task, losses, config.pgr_min_gap) for task, losses in section.items()
+          if all(s["pgr"]["n"] == 0 for s in losses.values())],
+        "![accuracy of the weak supervisor, the weak-to-strong models and the strong ceiling](plots/w2sg_accuracy.png)",
+        "How much of the weak supervisor's mistakes each strong model learnt: on the test rows the weak supervisor "
+        "gets wrong, `<model>_copied` is the share where the model gives the same wrong answer (the ceiling, "
+        "trained on gold, shows how often the strong model errs there on its own).\n\n" + markdown_table(imitation_rows),
+        "How well each head fit its own training labels (its last training batch: loss, where 0.693 is a coin, and "
+        "agreement with its labels). A head at chance on test that did not fit its training labels either learnt "
+        "nothing; one that fit them and is at chance on test memorised its rows.\n\n" + markdown_table(fit_rows),
+    ]
+
+
+def _why_no_pgr(task: str, losses: dict, min_gap: float) -> str:
+    """The reason a task has no PGR on any seed, from its numbers."""
+    first = next(iter(losses.values()))
+    weak, ceiling = first["weak"]["median"], first["strong_ceiling"]["median"]
+    where = ("both at ceiling accuracy: the task is too easy to show a gap" if weak >= 0.95 else
+             "both near chance (0.5): see the training fit below" if ceiling < 0.6 else
+             "the strong model learns it no better than the weak one")
+    return (f"**{task}: no PGR on any seed.** The strong ceiling ({ceiling:.3f}) does not beat the weak supervisor "
+            f"({weak:.3f}) by {min_gap}: {where}.")
+
+
+def plot_accuracies(section: dict, path: Path) -> None:
+    """Per task: test accuracy of the weak supervisor, each weak-to-strong model and the strong ceiling (median
+    over seeds, bars from min to max), as the paper's per-task panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(section), figsize=(4.2 * len(section), 3.4), squeeze=False)
+    for ax, (task, losses) in zip(axes[0], section.items()):
+        first = next(iter(losses.values()))
+        bars = {"weak": first["weak"], **{f"w2s {k}": s["w2s"] for k, s in losses.items()},
+                "ceiling": first["strong_ceiling"]}
+        medians = [b["median"] for b in bars.values()]
+        errors = [[m - b["min"] for m, b in zip(medians, bars.values())],
+                  [b["max"] - m for m, b in zip(medians, bars.values())]]
+        colors = ["tab:gray", *["tab:blue"] * len(losses), "black"]
+        ax.bar(range(len(bars)), medians, yerr=errors, color=colors, capsize=3)
+        ax.set_xticks(range(len(bars)), list(bars), rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0.4, 1.0)
+        ax.axhline(0.5, color="tab:red", linestyle=":", linewidth=1)
+        ax.set_title(task)
+        ax.set_ylabel("test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
