@@ -651,8 +651,9 @@ def _check_lengths(data: Path, tokenizer, config: TrainConfig, max_length: int) 
 
     texts = _texts(config)
     first = 0
-    for batch in pq.ParquetFile(data).iter_batches(batch_size=4096, columns=list(_columns(config, "ref"))):
-        if config.mode in HEAD_MODES:
+    labels = ["label"] if config.mode in HEAD_MODES else []  # never the scored log-prob columns: texts only
+    for batch in pq.ParquetFile(data).iter_batches(batch_size=4096, columns=texts + labels):
+        if labels:
             _check_labels(data, batch.column("label"), first)
         prompts = batch.column("prompt").to_pylist() if "prompt" in texts else [""] * batch.num_rows
         for field in RESPONSES[config.mode]:

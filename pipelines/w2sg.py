@@ -17,7 +17,6 @@ stay those of the prepare config.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -35,7 +34,7 @@ from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import mean_and_spread, median_pgr, pgr
 from w2s.modeling import ModelSpec, weights_fingerprint
 from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_table
-from w2s.w2sg import accuracy, imitation, split_groups
+from w2s.w2sg import SPLITS, accuracy, imitation, split_groups
 
 TASKS = ("correct", "harmless")
 HEAD = TrainConfig(mode="classify", head_loss=NaiveLoss(), lr=1e-3, epochs=4, batch_size=16, num_workers=2)
@@ -126,7 +125,7 @@ class _Job:
         self.run.write_examples(f"w2sg_{task}_s{seed}_test", test)
         label_probs = pq.read_table(labelled, columns=["label"])["label"].to_pylist()
         return {"seed": seed, "rows": {s: pq.read_metadata(splits / f"{s}.parquet").num_rows
-                                       for s in ("train_gold", "train_weak", "test")},
+                                       for s in SPLITS},
                 "weak_label_accuracy": accuracy(label_probs, pq.read_table(splits / "train_weak.parquet")["label"].to_pylist()),
                 "accuracy": {name: accuracy(p, gold) for name, p in probs.items()},
                 "train_fit": {name: self.fit(head) for name, head in {"weak": weak, **heads}.items()},
@@ -176,18 +175,22 @@ class _Job:
 
     def _predict(self, table: pa.Table, heads: dict[str, Path]) -> dict[str, list[float]]:
         """Each head's probability of class 1 on every row, the heads streamed through the job's hosts."""
+        import torch
+
         names, out = list(heads), {}
         for i in range(0, len(names), self.workers.hosts.max_hosts):
             hosts = self.workers.host({n: ModelSpec(path=str(heads[n]), task="sequence_classification")
                                        for n in names[i:i + self.workers.hosts.max_hosts]})
             scored = reward_responses(table.select(["prompt", "response"]), hosts, self.config.score_batch_size)
-            out.update({n: [1 / (1 + math.exp(-z)) for z in scored[f"{n}_reward"].to_pylist()] for n in hosts})
+            # torch's sigmoid: math.exp(-z) overflows for a logit below -709
+            out.update({n: torch.sigmoid(torch.from_numpy(scored[f"{n}_reward"].to_numpy().astype("float64"))).tolist()
+                        for n in hosts})
         return out
 
 
 def summarize(runs: list[dict], kinds: list[str], min_gap: float = 0.0) -> dict:
     """Per loss over the seeds: {weak, strong_ceiling, w2s, pgr}, each with its median and spread; a seed's PGR is
-    None where its ceiling does not beat its weak supervisor by more than `min_gap` (left out of the median; `n`
+    None where its ceiling does not beat its weak supervisor by at least `min_gap` (left out of the median; `n`
     counts the seeds that have one)."""
     def spread(values: list[float]) -> dict:
         return {**mean_and_spread(values), "per_seed": values}
