@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,25 +38,36 @@ SCREEN_NOISE = (
 
 class _Tee:
     """A text stream that writes everything to a file (the run folder's log) and to the screen all but the
-    lines of SCREEN_NOISE. Text is passed on at each line end (or carriage return: progress bars)."""
+    lines of SCREEN_NOISE, a whole line at a time (a carriage return ends one too: progress bars). Stages that run
+    side by side print from several threads, and print() writes a line's text and its end separately: each
+    thread's text waits in its own buffer until its line ends, so lines are never cut into or repeated."""
 
     def __init__(self, stream, file):
-        self.stream, self.file, self.pending = stream, file, ""
+        self.stream, self.file = stream, file
+        self.lock, self.pending = threading.Lock(), threading.local()
 
     def write(self, text: str) -> int:
-        self.file.write(text)
-        self.pending += text
-        end = max(self.pending.rfind("\n"), self.pending.rfind("\r")) + 1
+        pending = getattr(self.pending, "text", "") + text
+        end = max(pending.rfind("\n"), pending.rfind("\r")) + 1
+        self.pending.text = pending[end:]
         if end:
-            shown = [line for line in self.pending[:end].splitlines(keepends=True)
-                     if not any(noise in line for noise in SCREEN_NOISE)]
-            self.stream.write("".join(shown))
-            self.pending = self.pending[end:]
+            self._emit(pending[:end])
         return len(text)
 
+    def _emit(self, lines: str) -> None:
+        shown = [line for line in lines.splitlines(keepends=True) if not any(noise in line for noise in SCREEN_NOISE)]
+        with self.lock:
+            self.file.write(lines)
+            self.stream.write("".join(shown))
+
     def flush(self) -> None:
-        self.file.flush()
-        self.stream.flush()
+        """Text without its line end yet is written as it is (a flush asks for it now)."""
+        if getattr(self.pending, "text", ""):
+            self._emit(self.pending.text)
+            self.pending.text = ""
+        with self.lock:
+            self.file.flush()
+            self.stream.flush()
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
@@ -74,6 +86,7 @@ def keep_log(run: RunDir):
             log.write(f"error: {err}\n" if isinstance(err, user_errors()) else f"failed: {type(err).__name__}: {err}\n")
             raise
         finally:
+            sys.stdout.flush(), sys.stderr.flush()  # a last line without its end
             sys.stdout, sys.stderr = saved
 
 

@@ -60,3 +60,30 @@ def test_cache_keys_follow_what_a_stage_makes_not_how_it_runs():
 
     assert key() == key(checkpoint_every=1, log_every=1, max_failures=3)
     assert len({key(), key(lr=1e-3), key(num_workers=1), key(seed=1), key(epochs=2)}) == 5
+
+
+def test_the_job_log_keeps_every_line_of_stages_printing_side_by_side(tmp_path, capsys):
+    """MACPO's agents print from threads of their own: every line reaches the screen and job.log once and whole
+    (a run's screen once showed one stage's line twice and lost another's)."""
+    import threading
+
+    from jobs.common import keep_log
+
+    run = RunDir(tmp_path, "run")
+    run.claim(_Config(lr=0.1))
+    lines = {f"[macpo] agent{t}: line {i} " + "x" * (i % 50) for t in range(8) for i in range(200)}
+
+    def say(t: int) -> None:
+        for i in range(200):
+            print(f"[macpo] agent{t}: line {i} " + "x" * (i % 50), flush=i % 3 == 0)
+
+    with keep_log(run):
+        threads = [threading.Thread(target=say, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print("no line end yet", end="")
+    screen = capsys.readouterr().out.splitlines()
+    assert sorted(screen) == sorted([*lines, "no line end yet"])
+    assert sorted((run.path / "job.log").read_text().splitlines()) == sorted(screen)
