@@ -26,11 +26,13 @@ from w2s.modeling import ModelSpec
 
 class Workers:
     """`cluster.max_hosts`: model hosts at most (a process each): a stage that needs more models streams them
-    through the hosts (`generate`)."""
+    through the hosts (`generate`). `max_train_groups`: worker groups of one shape training side by side (None: as
+    many as the cluster holds, TrainingWorkers)."""
 
-    def __init__(self, train_storage: str | Path, cluster: ClusterConfig = ClusterConfig()):
+    def __init__(self, train_storage: str | Path, cluster: ClusterConfig = ClusterConfig(),
+                 max_train_groups: int | None = None):
         self.hosts = HostPool(cluster.max_hosts, cluster.placement, cluster.hosts, cluster.wait_s)
-        self.trainers = TrainingWorkers(train_storage, cluster.train, cluster.wait_s)
+        self.trainers = TrainingWorkers(train_storage, cluster.train, cluster.wait_s, max_train_groups)
         self.take_turns = cluster.hosts.gpus > 0 and cluster.train.use_gpu
 
     def host(self, models: dict[str, ModelSpec]) -> dict[str, HostRef]:

@@ -130,20 +130,45 @@ for _name, _value in JOB_ENV.items():
 def connect_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it; `RAY_ADDRESS=auto` joins a
     local `ray start`), or start a fresh local instance with its dashboard on loopback (with `num_cpus`
-    logical CPUs; None: the machine's). Every worker of the job gets JOB_ENV (the pinned CPU kernels).
+    logical CPUs; None: the machine's). Every worker of the job gets JOB_ENV (the pinned CPU kernels) and the
+    address of its own cluster's state API (_own_state_api).
     """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # progress lines are printed once, not twice
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {name: os.environ[name] for name in JOB_ENV}}
+    env_vars = {name: os.environ[name] for name in JOB_ENV}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, runtime_env=runtime_env)
+        ray.init(log_to_driver=True, runtime_env={"env_vars": {**env_vars, **_own_state_api(None)}})
     else:  # the dashboard serves Ray's state API, which Ray Train's controller polls: on loopback only
+        port = free_port()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, runtime_env=runtime_env)
+                 dashboard_port=port, log_to_driver=True,
+                 runtime_env={"env_vars": {**env_vars, **_own_state_api(port)}})
     _quiet_ray_data()
+
+
+def _own_state_api(dashboard_port: int | None) -> dict[str, str]:
+    """What tells a worker which cluster's state API is its own. Without it, Ray's state API finds "the latest
+    cluster started on this machine" (/tmp/ray/ray_current_cluster): once a second local Ray starts (another
+    job, a test's cluster), Ray Train's placement-group cleaner asks that one for its controller, finds none,
+    and tears down a healthy worker group (measured: every test run did, once a test started its own cluster).
+    A local instance: its dashboard (the state API) on the port chosen here; a cluster named by RAY_ADDRESS as
+    host:port: that address."""
+    if dashboard_port is not None:
+        return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    address = os.environ.get("RAY_ADDRESS", "")
+    return {"RAY_ADDRESS": address} if address and address != "auto" and "://" not in address else {}
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _quiet_ray_data() -> None:

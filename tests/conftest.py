@@ -39,10 +39,12 @@ def job_env(checkpoint_pause: float = 0) -> dict:
 
 @pytest.fixture(scope="session")
 def workers(ray_local, tmp_path_factory):
-    """One set of model hosts and training workers shared by the in-process tests, as a job shares its own."""
+    """One set of model hosts and training workers shared by the in-process tests, as a job shares its own. One
+    worker group: stages that could train side by side (a MACPO round's agents) queue on it, since on 2 cores a
+    second group's start (three processes importing torch and DeepSpeed) costs more than it saves."""
     from actors.workers import Workers
 
-    with Workers(tmp_path_factory.mktemp("workers")) as shared:
+    with Workers(tmp_path_factory.mktemp("workers"), max_train_groups=1) as shared:
         yield shared
 
 
@@ -54,9 +56,10 @@ class TinyPrepared:
     run: Path  # its run folder
 
 
-def job_in_process(module: str, config: str, cwd: Path, workers, *overrides: str) -> str:
+def job_in_process(module: str, config: str, cwd: Path, workers, *overrides: str, screen=None) -> str:
     """`python -m jobs.<module> --config <config> --set ...` run in this process, from `cwd`, on the tests' Ray and
-    shared workers (what a job run as its own process starts for itself): what it printed."""
+    shared workers (what a job run as its own process starts for itself): what it printed (into `screen` too, a
+    StringIO another thread may read while the job runs)."""
     import contextlib
     import importlib
     import io
@@ -65,8 +68,8 @@ def job_in_process(module: str, config: str, cwd: Path, workers, *overrides: str
 
     job = importlib.import_module(f"jobs.{module}")
     config_class, run_one = {"prepare": ("PrepareConfig", "run_one"), "wspo": ("WSPOConfig", "run_wspo"),
-                             "search": ("SearchConfig", "run_search")}[module]
-    screen, here = io.StringIO(), os.getcwd()
+                             "search": ("SearchConfig", "run_search"), "macpo": ("MACPOConfig", "run_macpo")}[module]
+    screen, here = screen or io.StringIO(), os.getcwd()
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(screen), contextlib.redirect_stderr(screen):

@@ -5,15 +5,17 @@
   scale from zero, one for model hosts and one for training workers (custom resources stand in for the GPUs
   of cluster.yaml's node types). The autoscaler must add nodes of both types, the stages must run on them,
   and the idle nodes must be removed after the job;
-- a run killed for real twice on a fixed two-node cluster (ray.cluster_utils.Cluster), the driver during a
-  round's DPO (after its first checkpoint) and one training worker of the resumed run, then the same command
-  is run again: it must skip the finished stages, resume the killed one from its checkpoint, and end with
-  the same numbers as the autoscaled run.
+- a run killed for real twice: first the whole job, driver and fixed two-node cluster
+  (ray.cluster_utils.Cluster), during a round's DPO (after its first checkpoint); then the same job runs again
+  (on the tests' own Ray and workers) and one of its training workers is killed once the killed stage has
+  resumed. It must skip the finished stages, resume the killed one from its checkpoint, and end with the same
+  numbers as the autoscaled run.
 Both runs share the tests' cache of the tiny world, so it is prepared once; the killed run starts with the
 uninterrupted run's finished stages before round 1's training (they are deterministic: the numbers of the
 round-0 models are evaluated again and must agree too), so the kills land where the resume is tested.
 """
 
+import io
 import json
 import os
 import shlex
@@ -21,12 +23,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import ROOT, job_env
+from conftest import ROOT, job_env, job_in_process
 from ray_heads import RAY, local_head, run
 
 JOB = [sys.executable, str(ROOT / "tests/scripts/two_node_job.py"), "jobs.macpo", "--config", "configs/tiny_macpo.yaml"]
@@ -61,17 +64,6 @@ def _wait_for(what: str, ready, process: subprocess.Popen, log: Path, timeout: f
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     pytest.fail(f"no {what} within {timeout}s:\n" + log.read_text()[-5000:])
-
-
-def _finish(process: subprocess.Popen, log: Path, timeout: float = 1400) -> str:
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # take the cluster down with it, not leave it running
-        pytest.fail(f"the job took over {timeout}s:\n" + log.read_text()[-5000:])
-    text = log.read_text()
-    assert process.returncode == 0, text[-5000:]
-    return text
 
 
 def _macpo_numbers(run: Path) -> dict:
@@ -167,10 +159,10 @@ def test_macpo_runs_across_two_nodes(uninterrupted):
     assert (uninterrupted / "plots" / "macpo_rounds.png").stat().st_size > 10_000
 
 
-def _train_workers(job: subprocess.Popen) -> list[psutil.Process]:
-    """This job's Ray Train workers (its descendants), never those of another run on the machine."""
+def _train_workers() -> list[psutil.Process]:
+    """The Ray Train workers of the tests' own Ray (this process's descendants), never another run's."""
     found = []
-    for p in psutil.Process(job.pid).children(recursive=True):
+    for p in psutil.Process().children(recursive=True):
         try:
             if any("RayTrainWorker" in part for part in p.cmdline()):
                 found.append(p)
@@ -183,7 +175,7 @@ BEFORE_ROUND1_TRAINING = ("init_weak_a", "init_weak_a_negative", "init_weak_b", 
                           "init_student", "init_student_negative", "round1_pairs")
 
 
-def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cache):
+def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cache, workers):
     import shutil
 
     run = work / "runs" / "killed"
@@ -193,6 +185,7 @@ def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cach
         shutil.copytree(uninterrupted / "stages" / stage, stages / stage)
 
     # 1. kill the driver (and with it the whole two-node cluster) once a round-1 DPO stage has a checkpoint
+    shared = sorted(p.pid for p in _train_workers())  # the tests' own training workers, alive all along
     first_log = work / "killed_first.log"
     first = _start(_command(work, tiny_cache, "killed"), first_log, checkpoint_pause=30)  # killed in the pause
     # a complete checkpoint (a `.partial` one is never resumed from)
@@ -202,15 +195,22 @@ def test_killed_macpo_resumes_to_the_same_numbers(uninterrupted, work, tiny_cach
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (stages / killed_in / ".complete").is_file(), "the stage ended before the kill"
+    # another Ray on the machine (that cluster, with its dashboard) did not tear down this one's worker group
+    # (jobs.common._own_state_api: Ray Train's cleaner once asked the newest cluster for its controller)
+    assert shared and sorted(p.pid for p in _train_workers()) == shared
 
-    # 2. resume, and kill one training worker once the killed stage has resumed from its checkpoint
-    second_log = work / "killed_second.log"
-    second = _start(_command(work, tiny_cache, "killed"), second_log)
-    victims = _wait_for("a resumed round-1 training worker",
-                        lambda: "[train] resumed from step" in second_log.read_text() and _train_workers(second),
-                        second, second_log)
-    victims[0].kill()
-    text = _finish(second, second_log)
+    # 2. the same job again, on the tests' Ray and workers (a process of its own would add only its start-up): it
+    # resumes; one training worker is killed once the killed stage has resumed from its checkpoint
+    screen = io.StringIO()
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(job_in_process, "macpo", "configs/tiny_macpo.yaml", ROOT, workers,
+                             *_overrides(work, tiny_cache, "killed")[1::2], screen=screen)
+        deadline = time.time() + 600
+        while not ("[train] resumed from step" in screen.getvalue() and (victims := _train_workers())):
+            assert not second.done() and time.time() < deadline, screen.getvalue()[-5000:]
+            time.sleep(0.5)
+        victims[0].kill()
+        text = second.result(timeout=900)
 
     assert all(f"{stage}: cached" in text for stage in BEFORE_ROUND1_TRAINING)  # finished stages are not redone
     assert "[train] resumed from step" in text  # the killed stage went on from its checkpoint

@@ -18,12 +18,6 @@ from conftest import ROOT, job_in_process, job_env
 CMD = [sys.executable, "-m", "jobs.prepare", "--config", str(ROOT / "configs/tiny.yaml")]
 
 
-def _run(cwd: Path, *extra: str) -> str:
-    done = subprocess.run([*CMD, *extra], cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done.stdout + done.stderr
-
-
 def _kill_once_checkpointed(cwd: Path, extra: list[str], stage: str, log: Path) -> None:
     """Start the job, and kill -9 it (driver, Ray and workers) once `stage` has a complete checkpoint."""
     with open(log, "w") as out:
@@ -37,7 +31,7 @@ def _kill_once_checkpointed(cwd: Path, extra: list[str], stage: str, log: Path) 
     job.wait()
 
 
-def test_prepare_writes_its_run_folder_and_reuses_the_cache(tiny_prepared):
+def test_prepare_writes_its_run_folder_and_reuses_the_cache(tiny_prepared, workers):
     first, run = tiny_prepared.output, tiny_prepared.run
     for stage in ("weak_base", "strong_base", "scored_pairs", "weak_aligned", "strong_ceiling"):
         assert f"{stage}: building" in first
@@ -52,7 +46,8 @@ def test_prepare_writes_its_run_folder_and_reuses_the_cache(tiny_prepared):
     assert (run / "checkpoints" / "weak_aligned" / "model.safetensors").is_file()
     assert "| weak_base" in first  # the table is printed
 
-    second = _run(tiny_prepared.cwd, "--set", f"cache_dir={tiny_prepared.cache}")  # all from the cache
+    # all from the cache (on the tests' Ray and workers: a process of its own would add only its start-up)
+    second = job_in_process("prepare", CMD[-1], tiny_prepared.cwd, workers, f"cache_dir={tiny_prepared.cache}")
     for stage in ("weak_base", "strong_base", "scored_pairs", "weak_aligned", "strong_ceiling"):
         assert f"{stage}: cached" in second
     assert "building" not in second
