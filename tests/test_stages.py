@@ -44,7 +44,9 @@ def test_hosts_the_cluster_cannot_give_fail_with_a_clear_error(ray_local, checkp
         pool.hosts({"weak": ModelSpec(path=str(checkpoints["weak"]))})
     from ray.util.state import list_actors
 
-    pending = list_actors(filters=[("class_name", "=", "ModelHost"), ("state", "=", "PENDING_CREATION")])
+    # this cluster's state API, by its address: without one, Ray asks the newest cluster started on the machine
+    own = ray_local.get_runtime_context().gcs_address
+    pending = list_actors(address=own, filters=[("class_name", "=", "ModelHost"), ("state", "=", "PENDING_CREATION")])
     assert pending == []  # the waiting host is gone, not left asking the autoscaler for a GPU
 
 
