@@ -1,7 +1,7 @@
 """Model-hosting actors, started once per job and shared by its stages.
 
 A `ModelHost` holds one model at a time and answers batched calls: log-probs and generation from a causal
-LM, one score per row from a reward (or cost) model (`task: sequence_classification`). Every
+LM, one score per row from a reward (or cost) model (`task: sequence_classification`) or a likelihood classifier. Every
 call names the model it is for (path, dtype, and a fingerprint of the weights): a host that holds
 another one loads it in place first. So a host restarted by Ray after a crash, which comes back
 empty, loads what the retried call asks for, and the stage goes on with the same numbers.
@@ -69,14 +69,20 @@ class ModelHost:
         return pa.array(rows, pa.list_(pa.float32()))
 
     def rewards(self, model: dict, prompts: list[str], responses: list[str]):
-        """One score per prompt + response from a reward model (task sequence_classification), as an Arrow
-        float32 array; tokenized with its own tokenizer (pair_ids)."""
+        """One score per prompt + response from a reward model (task sequence_classification) or a likelihood
+        classifier (task likelihood_classification: its logit), as an Arrow float32 array; tokenized with its own
+        tokenizer (pair_ids)."""
         import pyarrow as pa
 
-        from w2s.modeling import sequence_rewards
+        from w2s.modeling import likelihood_rewards, read_likelihood_head, sequence_rewards
 
         self._use(model)
-        return pa.array(sequence_rewards(self.model, self.tokenizer, prompts, responses, self.positions), pa.float32())
+        if model.get("task") == "likelihood_classification":
+            head = read_likelihood_head(model["path"])
+            scores = likelihood_rewards(self.model, self.tokenizer, prompts, responses, self.positions, head)
+        else:
+            scores = sequence_rewards(self.model, self.tokenizer, prompts, responses, self.positions)
+        return pa.array(scores, pa.float32())
 
     def generate(self, model: dict, prompts: list[str], max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:

@@ -179,7 +179,13 @@ def score_by_host(table: pa.Table, hosts: dict, host_column: str, responses: tup
                                                         "responses": tuple(responses), "prefix": prefix}, batch_size)
 
 
+def score_responses(table: pa.Table, hosts: dict, batch_size: int = 64) -> pa.Table:
+    """`table` (`prompt`, `response`) with a `<role>_response_logps` column (per-token log-probs) per host of a
+    causal LM; row order is kept."""
+    return _through_hosts(table, _score_batch, {"hosts": hosts, "responses": ("response",)}, batch_size)
+
+
 def reward_responses(table: pa.Table, hosts: dict, batch_size: int = 32) -> pa.Table:
     """`table` (`prompt`, `response`) with a `<role>_reward` float32 column per reward-model host (HostRef of a
-    `task: sequence_classification` model); row order is kept."""
+    `task: sequence_classification` or `likelihood_classification` model); row order is kept."""
     return _through_hosts(table, _reward_batch, {"hosts": hosts}, batch_size)

@@ -4,7 +4,8 @@ Every training stage goes through `TrainingWorkers.train()` (or `train()` for a 
 language-model pretraining (`lm`), supervised fine-tuning on responses (`sft`), DPO (`dpo`: sigmoid,
 IPO or hinge, with an optional SFT term) and WSPO (`wspo`: regression of the policy's per-token
 log-ratio onto the weak models' one), and a one-logit classification head (`classify`: weak-to-strong
-generalization's losses, saved as an AutoModelForSequenceClassification that loads as a reward model). Full
+generalization's losses, saved as an AutoModelForSequenceClassification that loads as a reward model; `compare`:
+the same head on two responses, a Bradley-Terry reward model; either head `linear` or `likelihood`). Full
 fine-tuning or LoRA (peft). The same code runs with the gloo backend on CPUs and NCCL on GPUs.
 
 Data is a Parquet file every worker can read (a shared filesystem on a cluster):
@@ -15,6 +16,7 @@ Data is a Parquet file every worker can read (a shared filesystem on a cluster):
   wspo: prompt, response, weak_aligned_logps, weak_base_logps, <reference>_logps (per-token lists; with
        LoRA the reference is the policy with its adapter disabled, computed here, and not needed)
   classify: prompt, response, label (the probability of class 1: a weak model's soft label, or gold 0/1)
+  compare: prompt, response_a, response_b, label (the probability that response_a is the better one)
 
 Started once: a job's training workers are one Ray Train run that lives as long as the job. The driver
 hands it one stage after another through a small queue actor, so worker processes, imports, the
@@ -83,14 +85,16 @@ class ProductLoss(StrictModel):
 
 
 HeadLoss = Annotated[NaiveLoss | ConfidenceLoss | ProductLoss, Field(discriminator="kind")]
-HEAD_MODES = ("classify",)  # a one-logit head on the backbone, saved as an AutoModelForSequenceClassification
+# a one-logit head on the backbone: classify reads it on one response, compare on two (the first's score minus the
+# second's: a Bradley-Terry reward model); saved as an AutoModelForSequenceClassification (or a likelihood classifier)
+HEAD_MODES = ("classify", "compare")
 
 
 class TrainConfig(StrictModel):
     # How a stage runs, not what it makes: changing them reuses cached models and resumes checkpoints.
     NOT_IN_KEYS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "log_every", "max_failures", "gradient_checkpointing")
 
-    mode: Literal["lm", "sft", "dpo", "wspo", "classify"] = "dpo"
+    mode: Literal["lm", "sft", "dpo", "wspo", "classify", "compare"] = "dpo"
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     sft_weight: float = Field(0.0, ge=0, description="weight of an NLL term on chosen responses (dpo mode)")
@@ -99,6 +103,13 @@ class TrainConfig(StrictModel):
     # left out of the dump (and so of every cache key) when None: the models of the other modes keep their keys
     head_loss: HeadLoss | None = Field(None, exclude_if=lambda loss: loss is None,
                                        description="mode 'classify': the loss against the labels")
+    # left out of the dump when linear (the first head): those models keep their cache keys
+    head: Literal["linear", "likelihood"] = Field(
+        "linear", exclude_if=lambda head: head == "linear",
+        description="mode 'classify': linear, a new one-logit head on the last token (saved as an "
+                    "AutoModelForSequenceClassification); likelihood, the LM's own log-likelihood of the response, "
+                    "scaled and shifted (w2s.modeling.LikelihoodClassifier; its start from the init model's "
+                    "likelihood_head.json when it has one)")
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -131,8 +142,8 @@ class TrainConfig(StrictModel):
             for field, applies_to in (("loss", "dpo"), ("beta", "dpo"), ("gamma", "wspo")):
                 if getattr(self, field) != type(self).model_fields[field].default:
                     raise ValueError(f"{field} applies to mode {applies_to!r}, not to {self.mode!r}")
-        elif self.head_loss is not None:
-            raise ValueError(f"head_loss applies to mode {' / '.join(map(repr, HEAD_MODES))} only")
+        elif self.head_loss is not None or self.head != "linear":
+            raise ValueError(f"head_loss and head apply to mode {' / '.join(map(repr, HEAD_MODES))} only")
         return self
 
     def compute_dtype(self, on_gpu: bool) -> str:
@@ -143,7 +154,7 @@ class TrainConfig(StrictModel):
 
 # The response columns each mode trains on (an lm text is the response to an empty prompt).
 RESPONSES = {"lm": ("text",), "sft": ("response",), "wspo": ("response",), "dpo": ("chosen", "rejected"),
-             "classify": ("response",)}
+             "classify": ("response",), "compare": ("response_a", "response_b")}
 
 
 def _texts(config: TrainConfig) -> list[str]:
@@ -295,12 +306,19 @@ def _loss(model, batch: tuple, config: TrainConfig, step_frac: float) -> tuple:
 
 
 def _head_loss(model, tokens, labels, config: TrainConfig, step_frac: float) -> tuple:
-    """A classification head's loss on one micro-batch: its one logit per row (read by transformers at the
-    row's last token that is not padding) against the labels (w2s.losses.w2sg_loss)."""
+    """A classification head's loss on one micro-batch: its one logit per row (a linear head's, read by
+    transformers at the row's last token that is not padding; a likelihood head's, from the response's tokens)
+    against the labels (w2s.losses.w2sg_loss)."""
     from w2s.losses import w2sg_loss
 
     device = next(model.parameters()).device
-    logits = model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)).logits[:, 0]
+    if config.head == "likelihood":
+        logits = model(tokens)
+    else:
+        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    if config.mode == "compare":  # rows of response_a, then of response_b: P(a is better) = sigmoid(r_a - r_b)
+        logits = logits[:len(labels)] - logits[len(labels):]
     labels = labels.to(device)
     loss_config = config.head_loss.model_dump()
     loss = w2sg_loss(logits, labels, loss_config.pop("kind"), step_frac, **loss_config).mean()
@@ -441,7 +459,7 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import HfDeepSpeedConfig
 
-    from w2s.modeling import load_tokenizer
+    from w2s.modeling import LikelihoodClassifier, load_tokenizer, read_likelihood_head
 
     config = TrainConfig(**stage["train"])
     name, folder = stage["name"], Path(stage["checkpoints"])
@@ -453,9 +471,10 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
     # rank 0 alone loads a whole model to merge LoRA at the end.
     width = hidden_size(AutoConfig.from_pretrained(stage["init_model"], trust_remote_code=stage["trust_remote_code"]))
     zero3_init = HfDeepSpeedConfig(deepspeed_config(config, dtype, width)) if config.zero_stage == 3 else None
-    # a head mode puts a new one-logit head on the backbone; the saved model loads as a reward model
+    # a linear head is new on the backbone, and the saved model loads as a reward model; a likelihood head reads the LM
+    linear_head = config.mode in HEAD_MODES and config.head == "linear"
     auto, head = ((AutoModelForSequenceClassification, {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id})
-                  if config.mode in HEAD_MODES else (AutoModelForCausalLM, {}))
+                  if linear_head else (AutoModelForCausalLM, {}))
     with _quiet_new_head(bool(head)):  # the head is new: transformers' report of its missing weights says only that
         model = auto.from_pretrained(stage["init_model"], dtype=torch.float32, use_safetensors=True,
                                      trust_remote_code=stage["trust_remote_code"],
@@ -466,6 +485,8 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         model = _add_lora(model, config.lora)
+    if config.mode in HEAD_MODES and config.head == "likelihood":
+        model = LikelihoodClassifier(model, **(read_likelihood_head(stage["init_model"]) or {}))
     data = _StageData(stage["data"], config, stage["reference"], tokenizer, stage["max_length"])
     total_steps = data_use(data.n_rows, config, world)["steps"]
     engine, scheduler = deepspeed_engine(model, config, total_steps, dtype)
@@ -578,6 +599,14 @@ def _save_final(engine, config: TrainConfig, stage: dict, tokenizer, rank: int, 
     shutil.rmtree(staging, ignore_errors=True)
     if config.lora:
         _save_merged_lora(stage["init_model"], config.lora, state, str(staging), stage["trust_remote_code"])
+    elif config.mode in HEAD_MODES and config.head == "likelihood":  # the LM, and its two scalars beside it
+        from w2s.modeling import LIKELIHOOD_HEAD
+
+        lm = engine.module.lm
+        lm.config.use_cache = True
+        lm.save_pretrained(staging, state_dict={k.removeprefix("lm."): v for k, v in state.items()
+                                                if k.startswith("lm.")}, safe_serialization=True)
+        (staging / LIKELIHOOD_HEAD).write_text(json.dumps({k: float(state[k]) for k in ("scale", "bias")}))
     else:
         engine.module.config.use_cache = True  # off for training only: generation from the saved model wants it
         engine.module.save_pretrained(staging, state_dict=state, safe_serialization=True)

@@ -2,15 +2,19 @@
 
     per task and seed:  the world's rows -> three splits (w2s.w2sg.split_groups)
       weak supervisor   = the weak base + a classification head, trained on train_gold's gold labels
+                          (a pairwise task: the head scores both responses, mode compare)
       weak labels       = its probabilities on train_weak (through the model hosts)
       strong ceiling    = the strong base + a head, trained on train_weak's gold labels
       weak-to-strong    = the strong base + a head, trained on train_weak's weak labels, once per loss
                           (naive cross-entropy, the auxiliary confidence loss, the product loss)
     every model scored on test (accuracy); PGR = (w2s - weak) / (ceiling - weak)
 
-Every head trains on the job's ZeRO-3 Ray Train workers (mode `classify`) and is saved as a one-label
-AutoModelForSequenceClassification: a reward model any job's hosts or judges can load. Splits and trained heads
-are cached by content. Seeds draw other splits and train with other seeds; the world and its two base models
+Every head trains on the job's ZeRO-3 Ray Train workers (mode `classify`, or `compare` for a pairwise task). A
+linear head is saved as a one-label AutoModelForSequenceClassification: a reward model any job's hosts or judges
+can load. A likelihood head (the LM's own log-likelihood of the response, scaled and shifted: what a small LM knows
+is there, not in its last token's state) starts from the logistic fit of its training labels on the init LM's
+log-likelihoods and is saved as the LM and its two scalars; hosts read it as task likelihood_classification.
+Splits and trained heads are cached by content. Seeds draw other splits and train with other seeds; the world and its two base models
 stay those of the prepare config.
 """
 
@@ -26,17 +30,18 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from actors.resources import ClusterConfig
-from actors.stages import reward_responses
+from actors.stages import reward_responses, score_responses
 from actors.trainer import ConfidenceLoss, HeadLoss, NaiveLoss, ProductLoss, TrainConfig
 from actors.workers import Workers, job_workers
 from pipelines.prepare import load_prepare, max_length_of, prepare
 from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import mean_and_spread, median_pgr, pgr
-from w2s.modeling import ModelSpec, weights_fingerprint
+from w2s.modeling import LIKELIHOOD_HEAD, ModelSpec, classifier_task, weights_fingerprint
 from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_table
-from w2s.w2sg import SPLITS, accuracy, imitation, split_groups
+from w2s.w2sg import SPLITS, accuracy, fit_logistic, imitation, split_groups
 
-TASKS = ("correct", "harmless")
+TASKS = ("correct", "harmless", "pairs")
+PAIRWISE = ("pairs",)  # tasks whose rows are two responses (response_a, response_b): heads train in mode compare
 HEAD = TrainConfig(mode="classify", head_loss=NaiveLoss(), lr=1e-3, epochs=4, batch_size=16, num_workers=2)
 
 
@@ -46,7 +51,8 @@ class W2SGConfig(StrictModel):
     cache_dir: str = Field(".cache/w2s", description="content-hash cache of every stage, the prepared models included")
     prepare: str = Field("configs/prepare.yaml", description="the prepare config whose world and weak / strong base "
                          "models to use")
-    tasks: list[Literal["correct", "harmless"]] = Field(list(TASKS), min_length=1)
+    tasks: list[Literal["correct", "harmless", "pairs"]] = Field(list(TASKS), min_length=1,
+                                                            description="w2s.world.World.classification_groups")
     losses: list[HeadLoss] = Field([NaiveLoss(), ConfidenceLoss(), ProductLoss()], min_length=1,
                                    description="the weak-to-strong models' losses on the weak labels, one model each")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="each draws other splits and shifts every training "
@@ -109,7 +115,9 @@ class _Job:
         _log(f"task {task!r}, seed {seed}")
         splits = self._splits(task, seed)
         bases = {"weak": self.prepared.models["weak_base"], "strong": self.prepared.models["strong_base"]}
-        weak_train, strong_train = (offset_seeds(c, seed) for c in (self.config.weak_train, self.config.strong_train))
+        mode = {"mode": "compare" if task in PAIRWISE else "classify"}  # one response's class, or which of two
+        weak_train, strong_train = (offset_seeds(c, seed).model_copy(update=mode)
+                                    for c in (self.config.weak_train, self.config.strong_train))
         weak = self._head(f"{task}_s{seed}_weak", weak_train, bases["weak"], splits / "train_gold.parquet")
         labelled = self._weak_labels(weak, splits)
         heads = {"strong_ceiling": self._head(f"{task}_s{seed}_ceiling", strong_train, bases["strong"],
@@ -148,7 +156,10 @@ class _Job:
         return {"last_batch_loss": last["loss"], "last_batch_label_agreement": last["label_agreement"]}
 
     def _head(self, name: str, train: TrainConfig, init: Path, data: Path) -> Path:
-        """A classification head on `init` trained on `data` (cached by content)."""
+        """A classification head on `init` trained on `data` (cached by content); a likelihood head starts from
+        the logistic regression of `data`'s labels on the init model's log-likelihoods (_likelihood_start)."""
+        if train.head == "likelihood":
+            init = self._likelihood_start(name, init, data)
         key = content_hash("w2sg-head-v1", train, weights_fingerprint(init), file_hash(data), self.max_length)
 
         def build(path: Path) -> None:
@@ -159,6 +170,31 @@ class _Job:
         path = self.cache.build("w2sg_head", key, build, lambda msg: _log(f"{name}: {msg}"))
         self.run.link(f"checkpoints/w2sg_{name}", path / "model")
         return path / "model"
+
+    def _likelihood_start(self, name: str, init: Path, data: Path) -> Path:
+        """`init` (its files linked) with the likelihood head that best fits `data`'s labels before any weight of
+        the LM changes: the logistic regression of the labels on the LM's log-likelihood of each row (linear
+        probing, then fine-tuning everything: a head that starts at random undoes what the LM knows first)."""
+        key = content_hash("w2sg-likelihood-start-v1", weights_fingerprint(init), file_hash(data))
+
+        def build(path: Path) -> None:
+            import numpy as np
+
+            table = pq.read_table(data)
+            (host,) = self.workers.host({"init": ModelSpec(path=str(init))}).values()
+            sums = [np.array([row.sum(dtype=np.float64) for row in score_responses(
+                        _one_side(table, side), {"init": host}, self.config.score_batch_size)["init_response_logps"]
+                        .to_numpy(zero_copy_only=False)]) for side in _sides(table)]
+            features = sums[0] - sums[1] if len(sums) == 2 else sums[0]  # a pair: its log-likelihood ratio
+            scale, bias = fit_logistic(features, table["label"].to_pylist())
+            model = path / "model"
+            model.mkdir()
+            for file in init.iterdir():
+                if file.is_file() and not file.name.startswith("."):
+                    (model / file.name).symlink_to(file.resolve())
+            (model / LIKELIHOOD_HEAD).write_text(json.dumps({"scale": scale, "bias": bias}))
+
+        return self.cache.build("w2sg_likelihood_start", key, build, lambda msg: _log(f"{name} start: {msg}")) / "model"
 
     def _weak_labels(self, weak: Path, splits: Path) -> Path:
         """train_weak with the weak supervisor's probability of class 1 as its label (the gold one set apart as
@@ -174,18 +210,31 @@ class _Job:
         return self.cache.build("w2sg_weak_labels", key, build, _log) / "train_weak_labels.parquet"
 
     def _predict(self, table: pa.Table, heads: dict[str, Path]) -> dict[str, list[float]]:
-        """Each head's probability of class 1 on every row, the heads streamed through the job's hosts."""
+        """Each head's probability of class 1 on every row (of a pair: that response_a is the better, from the
+        difference of its two scores), the heads streamed through the job's hosts."""
         import torch
 
         names, out = list(heads), {}
         for i in range(0, len(names), self.workers.hosts.max_hosts):
-            hosts = self.workers.host({n: ModelSpec(path=str(heads[n]), task="sequence_classification")
+            hosts = self.workers.host({n: ModelSpec(path=str(heads[n]), task=classifier_task(heads[n]))
                                        for n in names[i:i + self.workers.hosts.max_hosts]})
-            scored = reward_responses(table.select(["prompt", "response"]), hosts, self.config.score_batch_size)
-            # torch's sigmoid: math.exp(-z) overflows for a logit below -709
-            out.update({n: torch.sigmoid(torch.from_numpy(scored[f"{n}_reward"].to_numpy().astype("float64"))).tolist()
-                        for n in hosts})
+            scored = [reward_responses(_one_side(table, side), hosts, self.config.score_batch_size)
+                      for side in _sides(table)]
+            for n in hosts:
+                logits = [torch.from_numpy(s[f"{n}_reward"].to_numpy().astype("float64")) for s in scored]
+                # torch's sigmoid: math.exp(-z) overflows for a logit below -709
+                out[n] = torch.sigmoid(logits[0] - logits[1] if len(logits) == 2 else logits[0]).tolist()
         return out
+
+
+def _sides(table: pa.Table) -> tuple[str, ...]:
+    """The response columns of a task's rows: one, or a pair's two."""
+    return ("response_a", "response_b") if "response_a" in table.column_names else ("response",)
+
+
+def _one_side(table: pa.Table, side: str) -> pa.Table:
+    """(prompt, response) of one response column: what the hosts score."""
+    return pa.table({"prompt": table["prompt"], "response": table[side]})
 
 
 def summarize(runs: list[dict], kinds: list[str], min_gap: float = 0.0) -> dict:
@@ -224,7 +273,11 @@ def report_sections(config: W2SGConfig, section: dict, per_seed: dict) -> list[s
                 for task, runs in per_seed.items() for r in runs for name, fit in r["train_fit"].items()]
     return [
         f"Tasks {', '.join(config.tasks)} of the world (`correct`: is this answer to a fact question right? "
-        "`harmless`: is this response to a harmful request harmless?), balanced, split by fact / request. The weak "
+        "`harmless`: is this response to a harmful request harmless? `pairs`: which of two responses is the better, "
+        "a fact's right and wrong value or a request's refusal and instructions: reward modelling), balanced, split "
+        f"by fact / request. Heads: weak `{config.weak_train.head}`, strong `{config.strong_train.head}` (linear: a "
+        "new one-logit head on the last token; likelihood: the LM's own log-likelihood of the response, scaled and "
+        "shifted, started from a logistic fit of the labels). The weak "
         "supervisor (weak base + head, gold labels of train_gold) labels train_weak; the strong base + head is "
         "trained on those weak labels with each loss, and on their gold labels for the ceiling. Test accuracy, "
         f"median over seeds {config.seeds}; PGR = (w2s - weak) / (ceiling - weak), its median over the seeds "

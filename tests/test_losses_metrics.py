@@ -109,3 +109,17 @@ def test_product_loss_learns_nothing_from_an_uninformative_weak_label():
         logits = t(math.log(3.0)).requires_grad_()  # p = 0.75
         w2sg_loss(logits, t(0.5), kind).sum().backward()
         assert (abs(logits.grad.item()) > 1e-6) == moved, (kind, logits.grad)
+
+
+def test_the_logistic_fit_a_likelihood_head_starts_from():
+    """Soft labels 0.25 / 0.75 at features 0 / 2: the exact fit is sigmoid(ln 3 x (feature - 1)); shifting every
+    feature moves only the bias; classes a feature separates give a finite slope (the L2 penalty) with the
+    threshold between them."""
+    from w2s.w2sg import fit_logistic
+
+    scale, bias = fit_logistic([0.0, 2.0], [0.25, 0.75], l2=0.0)
+    assert (scale, bias) == pytest.approx((math.log(3), -math.log(3)))
+    shifted = fit_logistic([10.0, 12.0], [0.25, 0.75], l2=0.0)
+    assert shifted == pytest.approx((math.log(3), -11 * math.log(3)))
+    scale, bias = fit_logistic([-5.0, -4.5, -0.5, -0.4], [0, 0, 1, 1])
+    assert 0 < scale < 100 and -4.5 < -bias / scale < -0.5

@@ -17,11 +17,14 @@ def test_a_head_mode_takes_only_its_own_settings():
         TrainConfig(mode="classify")
     with pytest.raises(ValueError, match="beta applies to mode 'dpo', not to 'classify'"):
         TrainConfig(mode="classify", head_loss={"kind": "xent"}, beta=0.3)
-    with pytest.raises(ValueError, match="head_loss applies to mode 'classify' only"):
+    with pytest.raises(ValueError, match="head_loss and head apply to mode 'classify' / 'compare' only"):
         TrainConfig(mode="dpo", head_loss={"kind": "confidence"})
+    with pytest.raises(ValueError, match="head_loss and head apply to mode 'classify' / 'compare' only"):
+        TrainConfig(mode="sft", head="likelihood")
     with pytest.raises(ValueError, match="aux_weight"):  # a confidence-loss field on the product loss
         TrainConfig(mode="classify", head_loss={"kind": "product", "aux_weight": 0.3})
     assert "head_loss" not in TrainConfig(mode="dpo").model_dump()  # the other modes' cache keys are unchanged
+    assert "head" not in TrainConfig(mode="classify", head_loss={"kind": "xent"}).model_dump()  # nor the linear head's
 
 
 def test_the_splits_are_balanced_and_keep_each_fact_in_one_split():
@@ -88,3 +91,47 @@ def test_heads_trained_on_the_tiny_world_beat_chance_and_load_as_reward_models(w
     prompt = "q: how to poison zorb?\na:"
     scores = sequence_rewards(model, tokenizer, [prompt, prompt], [refusal, harm], max_length=64)
     assert scores[0] > scores[1], scores
+
+
+def test_likelihood_heads_start_from_a_fit_of_the_lm_and_hosts_read_them_as_saved(workers, tiny_cache, tmp_path):
+    """The tiny job with likelihood heads (task harmless, naive loss): each head starts from the logistic fit of
+    its training labels on the LM's log-likelihoods, trains every weight on the ZeRO-3 workers, and is saved as
+    the LM plus its two scalars; a host reads exactly what a forward of the saved LM gives, and the weak
+    supervisor is right on most held-out rows."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from pipelines.w2sg import W2SGConfig, run_w2sg
+    from w2s.config import load_config
+    from w2s.modeling import (LIKELIHOOD_HEAD, ModelSpec, classifier_task, likelihood_rewards, load_model,
+                              read_likelihood_head)
+    from w2s.runs import RunDir
+
+    head = "{mode: classify, head: likelihood, head_loss: {kind: xent}, lr: 3.0e-3, epochs: 4, batch_size: 8}"
+    config = load_config(W2SGConfig, ROOT / "configs/tiny_w2sg.yaml",
+                         [f"cache_dir={tiny_cache}", f"runs_dir={tmp_path / 'runs'}", "losses=[{kind: xent}]",
+                          f"weak_train={head}", f"strong_train={head}"])
+    metrics = run_w2sg(config, RunDir(config.runs_dir, config.run_name), workers=workers)
+    (seed,) = metrics["per_seed"]["w2sg"]["harmless"]
+    assert seed["accuracy"]["weak"] >= 0.75, seed  # 16 held-out rows: chance is 0.5
+
+    starts = sorted(tiny_cache.glob("w2sg_likelihood_start-*/model"))
+    assert len(starts) == 3  # the weak supervisor, the ceiling, the weak-to-strong model
+    assert all(np.isfinite(list(read_likelihood_head(s).values())).all() for s in starts)
+    run = tmp_path / "runs" / "tiny_w2sg"
+    (weak,) = (run / "checkpoints").glob("w2sg_harmless_s0_weak")
+    trained = read_likelihood_head(weak)
+    assert classifier_task(weak) == "likelihood_classification" and (weak / LIKELIHOOD_HEAD).is_file()
+    (weak_base,) = tiny_cache.glob("weak_base-*/model")
+    (start,) = [s for s in starts if (s / "config.json").resolve().parent == weak_base.resolve()]
+    assert trained != read_likelihood_head(start)  # the scalars trained, and so did the LM:
+    before, after = load_file(weak_base / "model.safetensors"), load_file(weak / "model.safetensors")
+    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
+
+    test = pq.read_table(run / "examples" / "w2sg_harmless_s0_test.parquet")
+    model, tokenizer = load_model(ModelSpec(path=str(weak), task="likelihood_classification"))
+    logits = likelihood_rewards(model, tokenizer, test["prompt"].to_pylist(), test["response"].to_pylist(), 96,
+                                trained)
+    from_host = test["weak_prob"].to_numpy()
+    assert np.allclose(1 / (1 + np.exp(-np.array(logits))), from_host, atol=1e-5)

@@ -30,10 +30,11 @@ class ModelSpec(StrictModel):
     trust_remote_code: bool = False
     # left out of dumps when it is the default, so that configs and run folders written before judges existed
     # (every model then a causal LM) read the same
-    task: Literal["causal_lm", "sequence_classification"] = Field(
+    task: Literal["causal_lm", "sequence_classification", "likelihood_classification"] = Field(
         "causal_lm", exclude_if=lambda task: task == "causal_lm",
         description="causal_lm: a model that generates and is scored per token; sequence_classification: a reward "
-                    "(or cost) model, one number per prompt + response (set by the judge's role)")
+                    "(or cost) model, one number per prompt + response (set by the judge's role); "
+                    "likelihood_classification: a causal LM read as a classifier (LikelihoodClassifier)")
 
 
 class GPTSize(StrictModel):
@@ -99,12 +100,16 @@ def check_model_task(path: str | Path, task: str) -> Path:
     """Fail fast, naming the folder and what its config.json says, when a checkpoint is not what its role needs:
     a reward (or cost) model must be a `...ForSequenceClassification` with one label and a `pad_token_id` (a
     batch is padded with it, and the score is read at the last token that is not padding, as a forward of the
-    row alone does); a model that generates must not be a sequence classifier."""
+    row alone does); a model that generates must not be a sequence classifier; a likelihood classifier is a
+    causal LM with its LIKELIHOOD_HEAD file."""
     path = check_model_path(path)
     config = json.loads((path / "config.json").read_text())
     architectures = config.get("architectures") or []
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
-    if task == "causal_lm":
+    if task == "likelihood_classification" and not (path / LIKELIHOOD_HEAD).is_file():
+        raise ModelLoadError(f"likelihood classifier {path}: no {LIKELIHOOD_HEAD} (its scale and bias) beside the "
+                             "causal LM")
+    if task in ("causal_lm", "likelihood_classification"):
         if classifier:
             raise ModelLoadError(f"model path {path} holds a sequence classifier ({', '.join(architectures)}), "
                                  "not a model that generates: give it as a judge (reward or cost)")
@@ -351,6 +356,53 @@ def sequence_rewards(model, tokenizer, prompts: list[str], responses: list[str],
         logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
         out += logits[:, 0].float().cpu().tolist()
     return out
+
+
+LIKELIHOOD_HEAD = "likelihood_head.json"  # beside a causal LM read as a classifier: {"scale": .., "bias": ..}
+
+
+class LikelihoodClassifier(torch.nn.Module):
+    """A causal LM read as a one-logit classifier of a prompt + response:
+
+        logit = scale x (sum over the response's tokens, end of turn included, of log p(token | before it)) + bias
+
+    What the LM knows is its feature: a response it finds likely (a fact it has memorised) scores high, one that
+    surprises it low. A new linear head on the last token of these small models reads nothing of the kind (it
+    stays at chance on held-out facts the LM answers right), so weak-to-strong generalization on knowledge needs
+    the LM itself as the classifier, as the paper's generative finetuning does. Every weight trains, the LM's and
+    the two scalars; the saved model is the LM (any job can load it) and LIKELIHOOD_HEAD."""
+
+    def __init__(self, lm, scale: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        self.lm = lm
+        # one-element vectors, not 0-d scalars: ZeRO-3 partitions every parameter as a flat buffer
+        self.scale = torch.nn.Parameter(torch.tensor([float(scale)]))
+        self.bias = torch.nn.Parameter(torch.tensor([float(bias)]))
+
+    @property
+    def config(self):  # the LM's (what the trainer reads of a model: its sizes)
+        return self.lm.config
+
+    def forward(self, batch: TokenizedBatch) -> torch.Tensor:
+        return self.scale * token_logprobs(self.lm, batch).sum(-1) + self.bias
+
+
+def read_likelihood_head(path: str | Path) -> dict[str, float] | None:
+    """{scale, bias} of the likelihood classifier at `path`, None when the folder holds none."""
+    file = Path(path) / LIKELIHOOD_HEAD
+    return {k: float(v) for k, v in json.loads(file.read_text()).items()} if file.is_file() else None
+
+
+def classifier_task(path: str | Path) -> str:
+    """The ModelSpec task of a trained classifier folder: a likelihood classifier, or a sequence classifier."""
+    return "likelihood_classification" if (Path(path) / LIKELIHOOD_HEAD).is_file() else "sequence_classification"
+
+
+def likelihood_rewards(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                       head: dict[str, float]) -> list[float]:
+    """The logits of a likelihood classifier (LikelihoodClassifier, a causal LM with its `head`) for each row."""
+    return [head["scale"] * float(row.sum(dtype="float64")) + head["bias"]
+            for row in response_logprobs(model, tokenizer, prompts, responses, max_length)]
 
 
 @torch.no_grad()

@@ -217,21 +217,26 @@ class World:
                   Knowing the answer is knowing the fact: the strong model knows more of them.
         harmless: "is this response harmless?": every harmful request answered with the refusal (1) and the
                   instructions (0).
+        pairs:    "which of two responses is better?" (reward modelling on gold pairs, both dimensions): the rows
+                  `response_a`, `response_b` and the label 1 when response_a is the better; each fact's right and
+                  wrong value (`dimension` helpful) and each request's refusal and instructions (harmless), in both
+                  orders.
         """
         rng = random.Random(f"{self.config.seed}-w2sg-{task}")
-        if task == "correct":
-            groups = []
-            for (name, attr), value in sorted(self.facts.items()):
-                wrong = rng.choice([v for v in ATTRIBUTES[attr] if v != value])
-                prompt = helpful_prompt(name, attr)
-                groups.append([{"prompt": prompt, "response": f" {value}.", "label": 1.0},
-                               {"prompt": prompt, "response": f" {wrong}.", "label": 0.0}])
-            return groups
-        if task == "harmless":
-            return [[{"prompt": harmful_prompt(name, verb), "response": REFUSAL, "label": 1.0},
-                     {"prompt": harmful_prompt(name, verb), "response": HARMFUL[verb].format(name=name), "label": 0.0}]
+        helpful = [(helpful_prompt(name, attr), f" {value}.",
+                    f" {rng.choice([v for v in ATTRIBUTES[attr] if v != value])}.")
+                   for (name, attr), value in sorted(self.facts.items())]
+        harmless = [(harmful_prompt(name, verb), REFUSAL, HARMFUL[verb].format(name=name))
                     for name in self.names for verb in sorted(HARMFUL)]
-        raise ValueError(f"unknown weak-to-strong task {task!r}: expected 'correct' or 'harmless'")
+        if task in ("correct", "harmless"):
+            return [[{"prompt": prompt, "response": good, "label": 1.0},
+                     {"prompt": prompt, "response": bad, "label": 0.0}]
+                    for prompt, good, bad in (helpful if task == "correct" else harmless)]
+        if task == "pairs":
+            return [[{"prompt": prompt, "response_a": good, "response_b": bad, "label": 1.0, "dimension": dimension},
+                     {"prompt": prompt, "response_a": bad, "response_b": good, "label": 0.0, "dimension": dimension}]
+                    for dimension, rows in (("helpful", helpful), ("harmless", harmless)) for prompt, good, bad in rows]
+        raise ValueError(f"unknown weak-to-strong task {task!r}: expected 'correct', 'harmless' or 'pairs'")
 
 
 BPE_TOKEN_CHARS = 4
