@@ -38,10 +38,12 @@ from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import mean_and_spread, median_pgr, pgr
 from w2s.modeling import LIKELIHOOD_HEAD, ModelSpec, classifier_task, weights_fingerprint
 from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_table
-from w2s.w2sg import SPLITS, accuracy, fit_logistic, imitation, split_groups
+from w2s.w2sg import SPLITS, accuracy, accuracy_by_band, fit_logistic, imitation, split_groups
 
 TASKS = ("correct", "harmless", "pairs")
-PAIRWISE = ("pairs",)  # tasks whose rows are two responses (response_a, response_b): heads train in mode compare
+PAIRWISE = ("pairs",)
+POPULARITY_BANDS = ("1_head", "2_middle", "3_tail")  # sorted as named: the weak model knows the head
+PROBE = "probe"  # a likelihood head's start on the weak labels: their logistic fit on the strong LM, nothing trained  # tasks whose rows are two responses (response_a, response_b): heads train in mode compare
 HEAD = TrainConfig(mode="classify", head_loss=NaiveLoss(), lr=1e-3, epochs=4, batch_size=16, num_workers=2)
 
 
@@ -94,8 +96,9 @@ def run_w2sg(config: W2SGConfig, run: RunDir, workers: Workers | None = None) ->
         prepared = prepare(prepare_config, workers=workers)
         job = _Job(config, prepared, max_length_of(prepare_config), run, workers)
         per_seed = {task: [job.one_seed(task, seed) for seed in config.seeds] for task in config.tasks}
-    section = {task: summarize(runs, [loss.kind for loss in config.losses], config.pgr_min_gap)
-               for task, runs in per_seed.items()}
+    # likelihood heads: also the strong model's probe of the weak labels alone (PROBE: no weight of the LM trained)
+    kinds = [loss.kind for loss in config.losses] + ([PROBE] if config.strong_train.head == "likelihood" else [])
+    section = {task: summarize(runs, kinds, config.pgr_min_gap) for task, runs in per_seed.items()}
     metrics = run.update_metrics({"methods": {"w2sg": section}, "per_seed": {"w2sg": per_seed},
                                   "wall_seconds": {"w2sg": round(time.perf_counter() - start, 1)}})
     plot_accuracies(section, run.path / "plots" / "w2sg_accuracy.png")
@@ -109,6 +112,9 @@ class _Job:
     def __init__(self, config: W2SGConfig, prepared, max_length: int, run: RunDir, workers: Workers):
         self.config, self.prepared, self.max_length, self.run, self.workers = config, prepared, max_length, run, workers
         self.cache = Cache(config.cache_dir)
+        self.started: dict[Path, Path] = {}  # a trained likelihood head -> the logistic fit it started from
+        ranked = prepared.world.popularity(0)  # the thirds of the entities by how often the corpus writes of them
+        self.band_of = {name: POPULARITY_BANDS[3 * rank // len(ranked)] for rank, name in enumerate(ranked)}
 
     def one_seed(self, task: str, seed: int) -> dict:
         """The weak supervisor, its labels, the ceiling and a weak-to-strong model per loss; their test accuracy."""
@@ -125,20 +131,29 @@ class _Job:
         for loss in self.config.losses:
             heads[loss.kind] = self._head(f"{task}_s{seed}_{loss.kind}", strong_train.model_copy(update={"head_loss": loss}),
                                           bases["strong"], labelled)
+        models = {"weak": weak, **heads}
+        starts = {f"{name}_start": self.started[path] for name, path in models.items() if path in self.started}
         test = pq.read_table(splits / "test.parquet")
-        probs = self._predict(test, {"weak": weak, **heads})
-        gold = test["label"].to_pylist()
+        probs = self._predict(test, {**models, **starts})
         for name, p in probs.items():  # every model's probability of class 1, row by row
             test = test.append_column(f"{name}_prob", pa.array(p, pa.float32()))
         self.run.write_examples(f"w2sg_{task}_s{seed}_test", test)
+        probe = f"{self.config.losses[0].kind}_start"  # likelihood heads' common start: the weak labels' probe
+        if probe in probs:
+            probs[PROBE] = probs[probe]
+        students = ["strong_ceiling", *(loss.kind for loss in self.config.losses), *([PROBE] if probe in probs else [])]
+        gold = test["label"].to_pylist()
         label_probs = pq.read_table(labelled, columns=["label"])["label"].to_pylist()
-        return {"seed": seed, "rows": {s: pq.read_metadata(splits / f"{s}.parquet").num_rows
-                                       for s in SPLITS},
-                "weak_label_accuracy": accuracy(label_probs, pq.read_table(splits / "train_weak.parquet")["label"].to_pylist()),
-                "accuracy": {name: accuracy(p, gold) for name, p in probs.items()},
-                "train_fit": {name: self.fit(head) for name, head in {"weak": weak, **heads}.items()},
-                "imitation": {kind: imitation(probs[kind], probs["weak"], gold)
-                              for kind in ("strong_ceiling", *(loss.kind for loss in self.config.losses))}}
+        return {"seed": seed, "rows": {s: pq.read_metadata(splits / f"{s}.parquet").num_rows for s in SPLITS},
+                "weak_label_accuracy": accuracy(label_probs,
+                                                pq.read_table(splits / "train_weak.parquet")["label"].to_pylist()),
+                "accuracy": {name: accuracy(probs[name], gold) for name in ["weak", *students]},
+                # a likelihood head before fine-tuning: the logistic fit of its labels on what the LM knows
+                "start_accuracy": {name.removesuffix("_start"): accuracy(probs[name], gold) for name in starts},
+                "train_fit": {name: self.fit(head) for name, head in models.items()},
+                "imitation": {kind: imitation(probs[kind], probs["weak"], gold) for kind in students},
+                "by_popularity": accuracy_by_band(test.to_pylist(), {n: probs[n] for n in ["weak", *students]},
+                                                  self.band_of)}
 
     def _splits(self, task: str, seed: int) -> Path:
         key = content_hash("w2sg-splits-v1", self.prepared.world_key, task, seed, self.config.test_share)
@@ -169,6 +184,8 @@ class _Job:
 
         path = self.cache.build("w2sg_head", key, build, lambda msg: _log(f"{name}: {msg}"))
         self.run.link(f"checkpoints/w2sg_{name}", path / "model")
+        if train.head == "likelihood":
+            self.started[path / "model"] = init
         return path / "model"
 
     def _likelihood_start(self, name: str, init: Path, data: Path) -> Path:
@@ -289,10 +306,39 @@ def report_sections(config: W2SGConfig, section: dict, per_seed: dict) -> list[s
         "How much of the weak supervisor's mistakes each strong model learnt: on the test rows the weak supervisor "
         "gets wrong, `<model>_copied` is the share where the model gives the same wrong answer (the ceiling, "
         "trained on gold, shows how often the strong model errs there on its own).\n\n" + markdown_table(imitation_rows),
+        *_popularity_table(per_seed),
+        *_start_table(per_seed),
         "How well each head fit its own training labels (its last training batch: loss, where 0.693 is a coin, and "
         "agreement with its labels). A head at chance on test that did not fit its training labels either learnt "
         "nothing; one that fit them and is at chance on test memorised its rows.\n\n" + markdown_table(fit_rows),
     ]
+
+
+def _popularity_table(per_seed: dict) -> list[str]:
+    """Fact questions by how popular their entity is in the pretraining corpus: where the weak supervisor does
+    not know (the tail), does the weak-to-strong model keep what the strong model knows?"""
+    rows = [{"task": task, "seed": r["seed"], **band} for task, runs in per_seed.items() for r in runs
+            for band in r.get("by_popularity", [])]
+    if not rows:
+        return []
+    return ["Test accuracy on fact questions by the popularity of their entity in the pretraining corpus (thirds "
+            "of the entities, 1_head the most written about): the weak model knows the head, the strong one the "
+            "tail too. A weak-to-strong model that falls to the weak model's accuracy in the tail learnt where the "
+            "weak model is ignorant, not only its labels' mistakes on the rows it saw.\n\n" + markdown_table(rows)]
+
+
+def _start_table(per_seed: dict) -> list[str]:
+    """Likelihood heads: test accuracy at their start (the logistic fit of their labels on the LM, no weight of
+    the LM changed) and after fine-tuning: whether training on the labels taught the LM, or made it unlearn."""
+    rows = [{"task": task, "seed": r["seed"], "model": name, "start": start, "trained": r["accuracy"][name],
+             "change": r["accuracy"][name] - start}
+            for task, runs in per_seed.items() for r in runs for name, start in r.get("start_accuracy", {}).items()]
+    if not rows:
+        return []
+    return ["Likelihood heads before and after fine-tuning (test accuracy): `start` reads what the LM already "
+            "knows through the logistic fit of the head's training labels; `trained` is after every weight trained "
+            "on those labels. A weak-to-strong model whose `trained` is below its `start` unlearnt, from the weak "
+            "labels, what it knew.\n\n" + markdown_table(rows)]
 
 
 def _why_no_pgr(task: str, losses: dict, min_gap: float) -> str:

@@ -123,3 +123,15 @@ def test_the_logistic_fit_a_likelihood_head_starts_from():
     assert shifted == pytest.approx((math.log(3), -11 * math.log(3)))
     scale, bias = fit_logistic([-5.0, -4.5, -0.5, -0.4], [0, 0, 1, 1])
     assert 0 < scale < 100 and -4.5 < -bias / scale < -0.5
+
+
+def test_accuracy_by_band_counts_fact_questions_of_each_band_only():
+    from w2s.w2sg import accuracy_by_band
+
+    rows = [{"prompt": "q: zorb color?\na:", "label": 1.0}, {"prompt": "q: zorb city?\na:", "label": 0.0},
+            {"prompt": "q: kim food?\na:", "label": 1.0},
+            {"prompt": "q: how to rob kim?\na:", "label": 1.0},  # a harmful request: no fact, no band
+            {"prompt": "q: kim color?\na:", "label": 1.0, "dimension": "harmless"}]  # not the helpful dimension
+    probs = {"weak": [0.9, 0.8, 0.2, 0.9, 0.9], "strong": [0.9, 0.1, 0.7, 0.1, 0.1]}
+    assert accuracy_by_band(rows, probs, {"zorb": "1_head", "kim": "3_tail"}) == [
+        {"band": "1_head", "rows": 2, "weak": 0.5, "strong": 1.0}, {"band": "3_tail", "rows": 1, "weak": 0.0, "strong": 1.0}]

@@ -65,3 +65,17 @@ def fit_logistic(features, labels, l2: float = 1e-2, steps: int = 100) -> tuple[
         if np.abs(step).max() < 1e-10:
             break
     return float(w[0] / std), float(w[1] - w[0] * mean / std)
+
+
+def accuracy_by_band(rows: list[dict], probs: dict[str, list[float]], band_of: dict[str, str]) -> list[dict]:
+    """Each model's test accuracy per band of the rows (`band_of`: entity -> band, e.g. its popularity in the
+    pretraining corpus), over the rows that ask about an entity (a fact question: `q: <entity> <attribute>?`);
+    rows of another kind or another dimension (`dimension` harmless) are left out."""
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        entity = row["prompt"].removeprefix("q: ").split(" ")[0]
+        if row.get("dimension", "helpful") == "helpful" and entity in band_of:
+            groups.setdefault(band_of[entity], []).append(i)
+    return [{"band": band, "rows": len(index),
+             **{name: accuracy([p[i] for i in index], [rows[i]["label"] for i in index]) for name, p in probs.items()}}
+            for band, index in sorted(groups.items())]
