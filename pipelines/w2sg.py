@@ -33,7 +33,7 @@ from actors.resources import ClusterConfig
 from actors.stages import reward_responses, score_responses
 from actors.trainer import ConfidenceLoss, HeadLoss, NaiveLoss, ProductLoss, TrainConfig
 from actors.workers import Workers, job_workers
-from pipelines.prepare import load_prepare, max_length_of, prepare
+from pipelines.prepare import PretrainStage, load_prepare, max_length_of, prepare, pretrained_base
 from w2s.config import StrictModel, offset_seeds
 from w2s.metrics import mean_and_spread, median_pgr, pgr
 from w2s.modeling import LIKELIHOOD_HEAD, ModelSpec, classifier_task, weights_fingerprint
@@ -41,9 +41,11 @@ from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_table
 from w2s.w2sg import SPLITS, accuracy, accuracy_by_band, fit_logistic, imitation, split_groups
 
 TASKS = ("correct", "harmless", "pairs")
-PAIRWISE = ("pairs",)
+PAIRWISE = ("pairs",)  # tasks whose rows are two responses (response_a, response_b): heads train in mode compare
 POPULARITY_BANDS = ("1_head", "2_middle", "3_tail")  # sorted as named: the weak model knows the head
-PROBE = "probe"  # a likelihood head's start on the weak labels: their logistic fit on the strong LM, nothing trained  # tasks whose rows are two responses (response_a, response_b): heads train in mode compare
+PROBE = "probe"  # a likelihood head's start on the weak labels: their logistic fit on the strong LM, nothing trained
+# with `bootstrap`: the strong model trained on the intermediate model's labels, and on the weak ones of the same rows
+BOOTSTRAPPED = ("bootstrapped", "direct_half")
 HEAD = TrainConfig(mode="classify", head_loss=NaiveLoss(), lr=1e-3, epochs=4, batch_size=16, num_workers=2)
 
 
@@ -67,6 +69,10 @@ class W2SGConfig(StrictModel):
     pgr_min_gap: float = Field(0.05, ge=0, description="a seed's PGR is reported only where the ceiling beats the "
                                "weak supervisor by at least this much test accuracy: below it the ratio is noise over "
                                "noise (one row of a 120-row test is 0.008)")
+    bootstrap: PretrainStage | None = Field(None, description="an intermediate model (a size between the weak and "
+                                            "the strong one, pretrained on the world's corpus): the chain weak -> "
+                                            "intermediate -> strong, each trained on the labels of the one before, "
+                                            "against the strong model trained on the weak labels of the same rows")
     score_batch_size: int = Field(64, ge=1)
     cluster: ClusterConfig = ClusterConfig()
 
@@ -98,6 +104,7 @@ def run_w2sg(config: W2SGConfig, run: RunDir, workers: Workers | None = None) ->
         per_seed = {task: [job.one_seed(task, seed) for seed in config.seeds] for task in config.tasks}
     # likelihood heads: also the strong model's probe of the weak labels alone (PROBE: no weight of the LM trained)
     kinds = [loss.kind for loss in config.losses] + ([PROBE] if config.strong_train.head == "likelihood" else [])
+    kinds += list(BOOTSTRAPPED) if config.bootstrap else []
     section = {task: summarize(runs, kinds, config.pgr_min_gap) for task, runs in per_seed.items()}
     metrics = run.update_metrics({"methods": {"w2sg": section}, "per_seed": {"w2sg": per_seed},
                                   "wall_seconds": {"w2sg": round(time.perf_counter() - start, 1)}})
@@ -125,12 +132,14 @@ class _Job:
         weak_train, strong_train = (offset_seeds(c, seed).model_copy(update=mode)
                                     for c in (self.config.weak_train, self.config.strong_train))
         weak = self._head(f"{task}_s{seed}_weak", weak_train, bases["weak"], splits / "train_gold.parquet")
-        labelled = self._weak_labels(weak, splits)
+        labelled = self._labels(weak, splits / "train_weak.parquet")  # the weak labels
         heads = {"strong_ceiling": self._head(f"{task}_s{seed}_ceiling", strong_train, bases["strong"],
                                               splits / "train_weak.parquet")}
         for loss in self.config.losses:
             heads[loss.kind] = self._head(f"{task}_s{seed}_{loss.kind}", strong_train.model_copy(update={"head_loss": loss}),
                                           bases["strong"], labelled)
+        if self.config.bootstrap:
+            heads.update(self._bootstrap(task, seed, weak, splits, weak_train, strong_train))
         models = {"weak": weak, **heads}
         starts = {f"{name}_start": self.started[path] for name, path in models.items() if path in self.started}
         test = pq.read_table(splits / "test.parquet")
@@ -141,13 +150,15 @@ class _Job:
         probe = f"{self.config.losses[0].kind}_start"  # likelihood heads' common start: the weak labels' probe
         if probe in probs:
             probs[PROBE] = probs[probe]
-        students = ["strong_ceiling", *(loss.kind for loss in self.config.losses), *([PROBE] if probe in probs else [])]
+        students = ["strong_ceiling", *(loss.kind for loss in self.config.losses), *([PROBE] if probe in probs else []),
+                    *(BOOTSTRAPPED if self.config.bootstrap else [])]
         gold = test["label"].to_pylist()
         label_probs = pq.read_table(labelled, columns=["label"])["label"].to_pylist()
         return {"seed": seed, "rows": {s: pq.read_metadata(splits / f"{s}.parquet").num_rows for s in SPLITS},
                 "weak_label_accuracy": accuracy(label_probs,
                                                 pq.read_table(splits / "train_weak.parquet")["label"].to_pylist()),
-                "accuracy": {name: accuracy(probs[name], gold) for name in ["weak", *students]},
+                "accuracy": {name: accuracy(probs[name], gold)
+                             for name in ["weak", *students, *(["intermediate"] if self.config.bootstrap else [])]},
                 # a likelihood head before fine-tuning: the logistic fit of its labels on what the LM knows
                 "start_accuracy": {name.removesuffix("_start"): accuracy(probs[name], gold) for name in starts},
                 "train_fit": {name: self.fit(head) for name, head in models.items()},
@@ -213,18 +224,50 @@ class _Job:
 
         return self.cache.build("w2sg_likelihood_start", key, build, lambda msg: _log(f"{name} start: {msg}")) / "model"
 
-    def _weak_labels(self, weak: Path, splits: Path) -> Path:
-        """train_weak with the weak supervisor's probability of class 1 as its label (the gold one set apart as
-        `gold_label`)."""
-        key = content_hash("w2sg-weak-labels-v1", weights_fingerprint(weak), file_hash(splits / "train_weak.parquet"))
+    def _labels(self, model: Path, data: Path) -> Path:
+        """`data` (gold labels) with `model`'s probability of class 1 as its label, the gold one set apart as
+        `gold_label` (cached by content)."""
+        key = content_hash("w2sg-weak-labels-v1", weights_fingerprint(model), file_hash(data))
 
         def build(path: Path) -> None:
-            table = pq.read_table(splits / "train_weak.parquet")
-            (probs,) = self._predict(table, {"weak": weak}).values()
+            table = pq.read_table(data)
+            (probs,) = self._predict(table, {"labeller": model}).values()
             table = table.rename_columns(["gold_label" if c == "label" else c for c in table.column_names])
             pq.write_table(table.append_column("label", pa.array(probs, pa.float64())), path / "train_weak_labels.parquet")
 
         return self.cache.build("w2sg_weak_labels", key, build, _log) / "train_weak_labels.parquet"
+
+    def _bootstrap(self, task: str, seed: int, weak: Path, splits: Path, weak_train: TrainConfig,
+                   strong_train: TrainConfig) -> dict[str, Path]:
+        """Bootstrapping: train_weak's first half labelled by the weak supervisor trains the intermediate model,
+        which labels the second half for the strong one (`bootstrapped`); `direct_half` is the strong model on the
+        weak labels of that same second half. Naive loss and the weak head's settings for the intermediate."""
+        mid_base = pretrained_base(self.cache, self.prepared.world, self.prepared.world_key, self.prepared.data,
+                                   self.config.bootstrap, "w2sg_intermediate_base",  # one for every seed
+                                   self.max_length, self.workers)
+        first, second = self._halves(splits / "train_weak.parquet")
+        naive = {"head_loss": NaiveLoss()}
+        mid = self._head(f"{task}_s{seed}_intermediate", weak_train.model_copy(update=naive), mid_base,
+                         self._labels(weak, first))
+        strong = strong_train.model_copy(update=naive)
+        return {"intermediate": mid,
+                "bootstrapped": self._head(f"{task}_s{seed}_bootstrapped", strong, self.prepared.models["strong_base"],
+                                           self._labels(mid, second)),
+                "direct_half": self._head(f"{task}_s{seed}_direct_half", strong, self.prepared.models["strong_base"],
+                                          self._labels(weak, second))}
+
+    def _halves(self, data: Path) -> tuple[Path, Path]:
+        """`data`'s rows in two halves, whole groups each (a group is two consecutive rows, one of each class)."""
+        key = content_hash("w2sg-halves-v1", file_hash(data))
+
+        def build(path: Path) -> None:
+            table = pq.read_table(data)
+            cut = table.num_rows // 4 * 2
+            pq.write_table(table.slice(0, cut), path / "first.parquet")
+            pq.write_table(table.slice(cut), path / "second.parquet")
+
+        path = self.cache.build("w2sg_halves", key, build, _log)
+        return path / "first.parquet", path / "second.parquet"
 
     def _predict(self, table: pa.Table, heads: dict[str, Path]) -> dict[str, list[float]]:
         """Each head's probability of class 1 on every row (of a pair: that response_a is the better, from the
@@ -306,12 +349,26 @@ def report_sections(config: W2SGConfig, section: dict, per_seed: dict) -> list[s
         "How much of the weak supervisor's mistakes each strong model learnt: on the test rows the weak supervisor "
         "gets wrong, `<model>_copied` is the share where the model gives the same wrong answer (the ceiling, "
         "trained on gold, shows how often the strong model errs there on its own).\n\n" + markdown_table(imitation_rows),
+        *_bootstrap_table(per_seed),
         *_popularity_table(per_seed),
         *_start_table(per_seed),
         "How well each head fit its own training labels (its last training batch: loss, where 0.693 is a coin, and "
         "agreement with its labels). A head at chance on test that did not fit its training labels either learnt "
         "nothing; one that fit them and is at chance on test memorised its rows.\n\n" + markdown_table(fit_rows),
     ]
+
+
+def _bootstrap_table(per_seed: dict) -> list[str]:
+    """Bootstrapping's chain, seed by seed: each model's test accuracy."""
+    names = ("weak", "intermediate", "bootstrapped", "direct_half", "strong_ceiling")
+    rows = [{"task": task, "seed": r["seed"], **{n: r["accuracy"][n] for n in names}}
+            for task, runs in per_seed.items() for r in runs if "intermediate" in r["accuracy"]]
+    if not rows:
+        return []
+    return ["Bootstrapping (`bootstrap`): the weak supervisor labels the first half of train_weak for the "
+            "intermediate model, which labels the second half for the strong one (`bootstrapped`); `direct_half` "
+            "is the strong model on the weak labels of that same second half (naive loss for all).\n\n"
+            + markdown_table(rows)]
 
 
 def _popularity_table(per_seed: dict) -> list[str]:

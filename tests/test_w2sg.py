@@ -93,11 +93,14 @@ def test_heads_trained_on_the_tiny_world_beat_chance_and_load_as_reward_models(w
     assert scores[0] > scores[1], scores
 
 
-def test_likelihood_heads_start_from_a_fit_of_the_lm_and_hosts_read_them_as_saved(workers, tiny_cache, tmp_path):
-    """The tiny job with likelihood heads (task harmless, naive loss): each head starts from the logistic fit of
-    its training labels on the LM's log-likelihoods, trains every weight on the ZeRO-3 workers, and is saved as
-    the LM plus its two scalars; a host reads exactly what a forward of the saved LM gives, and the weak
-    supervisor is right on most held-out rows."""
+def test_likelihood_heads_and_bootstrapping_on_the_tiny_world(workers, tiny_cache, tmp_path):
+    """The tiny job with likelihood heads (task harmless, naive loss) and an intermediate model: each head starts
+    from the logistic fit of its training labels on the LM's log-likelihoods, trains every weight on the ZeRO-3
+    workers, and is saved as the LM plus its two scalars; a host reads exactly what a forward of the saved LM
+    gives; the weak supervisor is right on most held-out rows; the bootstrapping chain trains on the labels it
+    should."""
+    import shutil
+
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -109,21 +112,37 @@ def test_likelihood_heads_start_from_a_fit_of_the_lm_and_hosts_read_them_as_save
     from w2s.runs import RunDir
 
     head = "{mode: classify, head: likelihood, head_loss: {kind: xent}, lr: 3.0e-3, epochs: 4, batch_size: 8}"
+    intermediate = "{size: {n_layer: 1, n_embd: 24, n_head: 1}, train: {mode: lm, lr: 3.0e-3, batch_size: 32}}"
+    cache = tmp_path / "cache"  # the tiny world's models, and only this job's weak-to-strong stages
+    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("w2sg_*", "*.lock", "ray_train"))
     config = load_config(W2SGConfig, ROOT / "configs/tiny_w2sg.yaml",
-                         [f"cache_dir={tiny_cache}", f"runs_dir={tmp_path / 'runs'}", "losses=[{kind: xent}]",
-                          f"weak_train={head}", f"strong_train={head}"])
+                         [f"cache_dir={cache}", f"runs_dir={tmp_path / 'runs'}", "losses=[{kind: xent}]",
+                          f"weak_train={head}", f"strong_train={head}", f"bootstrap={intermediate}"])
     metrics = run_w2sg(config, RunDir(config.runs_dir, config.run_name), workers=workers)
     (seed,) = metrics["per_seed"]["w2sg"]["harmless"]
     assert seed["accuracy"]["weak"] >= 0.75, seed  # 16 held-out rows: chance is 0.5
+    # bootstrapping: the intermediate model trained on the weak labels of train_weak's first half (whole groups,
+    # balanced), the strong one on its labels of the second half, and directly on the weak labels of that half
+    assert set(metrics["methods"]["w2sg"]["harmless"]) == {"xent", "probe", "bootstrapped", "direct_half"}
+    (halves,) = cache.glob("w2sg_halves-*")
+    first, second = (pq.read_table(halves / f"{h}.parquet") for h in ("first", "second"))
+    assert first.num_rows == second.num_rows == 16 and sum(first["label"].to_pylist()) == 8
+    by_labeller = {}
+    for labelled in cache.glob("w2sg_weak_labels-*/train_weak_labels.parquet"):
+        table = pq.read_table(labelled)
+        by_labeller.setdefault(table.num_rows, []).append(table["label"].to_pylist())
+    assert len(by_labeller[32]) == 1 and len(by_labeller[16]) == 3  # train_weak by the weak model; its halves
+    assert len({tuple(labels) for labels in by_labeller[16]}) == 3  # the second half twice, by two labellers
 
-    starts = sorted(tiny_cache.glob("w2sg_likelihood_start-*/model"))
-    assert len(starts) == 3  # the weak supervisor, the ceiling, the weak-to-strong model
+    starts = sorted(cache.glob("w2sg_likelihood_start-*/model"))
+    # the weak supervisor, the ceiling, the weak-to-strong model, the intermediate, bootstrapped and direct ones
+    assert len(starts) == 6
     assert all(np.isfinite(list(read_likelihood_head(s).values())).all() for s in starts)
     run = tmp_path / "runs" / "tiny_w2sg"
     (weak,) = (run / "checkpoints").glob("w2sg_harmless_s0_weak")
     trained = read_likelihood_head(weak)
     assert classifier_task(weak) == "likelihood_classification" and (weak / LIKELIHOOD_HEAD).is_file()
-    (weak_base,) = tiny_cache.glob("weak_base-*/model")
+    (weak_base,) = cache.glob("weak_base-*/model")
     (start,) = [s for s in starts if (s / "config.json").resolve().parent == weak_base.resolve()]
     assert trained != read_likelihood_head(start)  # the scalars trained, and so did the LM:
     before, after = load_file(weak_base / "model.safetensors"), load_file(weak / "model.safetensors")
