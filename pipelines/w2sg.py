@@ -46,6 +46,8 @@ POPULARITY_BANDS = ("1_head", "2_middle", "3_tail")  # sorted as named: the weak
 PROBE = "probe"  # a likelihood head's start on the weak labels: their logistic fit on the strong LM, nothing trained
 # with `bootstrap`: the strong model trained on the intermediate model's labels, and on the weak ones of the same rows
 BOOTSTRAPPED = ("bootstrapped", "direct_half")
+# with `generative`: the ceiling and the first loss's weak-to-strong model on the generatively finetuned strong base
+GENERATIVE_CEILING = "generative_ceiling"
 HEAD = TrainConfig(mode="classify", head_loss=NaiveLoss(), lr=1e-3, epochs=4, batch_size=16, num_workers=2)
 
 
@@ -73,11 +75,18 @@ class W2SGConfig(StrictModel):
                                             "the strong one, pretrained on the world's corpus): the chain weak -> "
                                             "intermediate -> strong, each trained on the labels of the one before, "
                                             "against the strong model trained on the weak labels of the same rows")
+    generative: TrainConfig | None = Field(None, description="generative finetuning (mode lm): the strong base "
+                                           "first trained with the LM loss on the task's training texts, no label "
+                                           "(train_gold and train_weak: prompt + response), then the ceiling and the "
+                                           "weak-to-strong model with the first of `losses` on it, as "
+                                           "`generative_<loss>`, whose PGR is against that ceiling")
     score_batch_size: int = Field(64, ge=1)
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _check(self):
+        if self.generative is not None and self.generative.mode != "lm":
+            raise ValueError(f"generative.mode must be 'lm', got {self.generative.mode!r}")
         for field in ("weak_train", "strong_train"):
             if getattr(self, field).mode != "classify":
                 raise ValueError(f"{field}.mode must be 'classify', got {getattr(self, field).mode!r}")
@@ -105,7 +114,9 @@ def run_w2sg(config: W2SGConfig, run: RunDir, workers: Workers | None = None) ->
     # likelihood heads: also the strong model's probe of the weak labels alone (PROBE: no weight of the LM trained)
     kinds = [loss.kind for loss in config.losses] + ([PROBE] if config.strong_train.head == "likelihood" else [])
     kinds += list(BOOTSTRAPPED) if config.bootstrap else []
-    section = {task: summarize(runs, kinds, config.pgr_min_gap) for task, runs in per_seed.items()}
+    ceilings = {generative_kind(config): GENERATIVE_CEILING} if config.generative else {}
+    kinds += list(ceilings)
+    section = {task: summarize(runs, kinds, config.pgr_min_gap, ceilings) for task, runs in per_seed.items()}
     metrics = run.update_metrics({"methods": {"w2sg": section}, "per_seed": {"w2sg": per_seed},
                                   "wall_seconds": {"w2sg": round(time.perf_counter() - start, 1)}})
     plot_accuracies(section, run.path / "plots" / "w2sg_accuracy.png")
@@ -140,6 +151,8 @@ class _Job:
                                           bases["strong"], labelled)
         if self.config.bootstrap:
             heads.update(self._bootstrap(task, seed, weak, splits, weak_train, strong_train))
+        if self.config.generative:
+            heads.update(self._generative(task, seed, splits, strong_train, labelled))
         models = {"weak": weak, **heads}
         starts = {f"{name}_start": self.started[path] for name, path in models.items() if path in self.started}
         test = pq.read_table(splits / "test.parquet")
@@ -151,7 +164,8 @@ class _Job:
         if probe in probs:
             probs[PROBE] = probs[probe]
         students = ["strong_ceiling", *(loss.kind for loss in self.config.losses), *([PROBE] if probe in probs else []),
-                    *(BOOTSTRAPPED if self.config.bootstrap else [])]
+                    *(BOOTSTRAPPED if self.config.bootstrap else []),
+                    *((GENERATIVE_CEILING, generative_kind(self.config)) if self.config.generative else ())]
         gold = test["label"].to_pylist()
         label_probs = pq.read_table(labelled, columns=["label"])["label"].to_pylist()
         return {"seed": seed, "rows": {s: pq.read_metadata(splits / f"{s}.parquet").num_rows for s in SPLITS},
@@ -256,6 +270,43 @@ class _Job:
                 "direct_half": self._head(f"{task}_s{seed}_direct_half", strong, self.prepared.models["strong_base"],
                                           self._labels(weak, second))}
 
+    def _generative(self, task: str, seed: int, splits: Path, strong_train: TrainConfig, labelled: Path
+                    ) -> dict[str, Path]:
+        """Generative finetuning: the strong base trained with the LM loss on the task's training texts (no label),
+        then the ceiling on gold labels and the weak-to-strong model (first loss) on the weak ones, from it."""
+        texts = self._texts(splits)
+        train = offset_seeds(self.config.generative, seed)
+        key = content_hash("w2sg-generative-v1", train, weights_fingerprint(self.prepared.models["strong_base"]),
+                           file_hash(texts), self.max_length)
+
+        def build(path: Path) -> None:
+            summary = self.workers.train(train, self.prepared.models["strong_base"], texts, path / "model",
+                                         f"w2sg-{key}", self.cache.root / "ray_train", self.max_length)
+            (path / "train_summary.json").write_text(json.dumps(summary))
+
+        base = self.cache.build("w2sg_generative", key, build, lambda msg: _log(f"{task}_s{seed}_generative: {msg}"))
+        loss = self.config.losses[0]
+        return {GENERATIVE_CEILING: self._head(f"{task}_s{seed}_generative_ceiling", strong_train, base / "model",
+                                               splits / "train_weak.parquet"),
+                generative_kind(self.config): self._head(f"{task}_s{seed}_{generative_kind(self.config)}",
+                                                         strong_train.model_copy(update={"head_loss": loss}),
+                                                         base / "model", labelled)}
+
+    def _texts(self, splits: Path) -> Path:
+        """The task's training texts for the LM loss: prompt + response of every row of train_gold and train_weak
+        (each response of a pair), without labels; the test split is left out."""
+        key = content_hash("w2sg-texts-v1", *(file_hash(splits / f"{s}.parquet") for s in ("train_gold", "train_weak")))
+
+        def build(path: Path) -> None:
+            texts = []
+            for split in ("train_gold", "train_weak"):
+                table = pq.read_table(splits / f"{split}.parquet")
+                texts += [p + r for side in _sides(table) for p, r in zip(table["prompt"].to_pylist(),
+                                                                           table[side].to_pylist())]
+            pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), path / "texts.parquet")
+
+        return self.cache.build("w2sg_texts", key, build, _log) / "texts.parquet"
+
     def _halves(self, data: Path) -> tuple[Path, Path]:
         """`data`'s rows in two halves, whole groups each (a group is two consecutive rows, one of each class)."""
         key = content_hash("w2sg-halves-v1", file_hash(data))
@@ -297,20 +348,27 @@ def _one_side(table: pa.Table, side: str) -> pa.Table:
     return pa.table({"prompt": table["prompt"], "response": table[side]})
 
 
-def summarize(runs: list[dict], kinds: list[str], min_gap: float = 0.0) -> dict:
+def generative_kind(config: W2SGConfig) -> str:
+    """The weak-to-strong model on the generatively finetuned strong base (its loss: the first of `losses`)."""
+    return f"generative_{config.losses[0].kind}"
+
+
+def summarize(runs: list[dict], kinds: list[str], min_gap: float = 0.0, ceilings: dict[str, str] | None = None
+              ) -> dict:
     """Per loss over the seeds: {weak, strong_ceiling, w2s, pgr}, each with its median and spread; a seed's PGR is
     None where its ceiling does not beat its weak supervisor by at least `min_gap` (left out of the median; `n`
-    counts the seeds that have one)."""
+    counts the seeds that have one). `ceilings`: a kind's own ceiling, where not `strong_ceiling`."""
     def spread(values: list[float]) -> dict:
         return {**mean_and_spread(values), "per_seed": values}
 
     out = {}
     for kind in kinds:
-        pgrs = [pgr(r["accuracy"][kind], r["accuracy"]["weak"], r["accuracy"]["strong_ceiling"])
-                if r["accuracy"]["strong_ceiling"] - r["accuracy"]["weak"] >= max(min_gap, 1e-12) else None for r in runs]
+        ceiling = (ceilings or {}).get(kind, "strong_ceiling")
+        pgrs = [pgr(r["accuracy"][kind], r["accuracy"]["weak"], r["accuracy"][ceiling])
+                if r["accuracy"][ceiling] - r["accuracy"]["weak"] >= max(min_gap, 1e-12) else None for r in runs]
         defined = [p for p in pgrs if p is not None]
         out[kind] = {"weak": spread([r["accuracy"]["weak"] for r in runs]),
-                     "strong_ceiling": spread([r["accuracy"]["strong_ceiling"] for r in runs]),
+                     "strong_ceiling": spread([r["accuracy"][ceiling] for r in runs]),
                      "w2s": spread([r["accuracy"][kind] for r in runs]),
                      "pgr": {"median": median_pgr(pgrs), "min": min(defined, default=None),
                              "max": max(defined, default=None), "n": len(defined), "per_seed": pgrs}}
@@ -350,12 +408,27 @@ def report_sections(config: W2SGConfig, section: dict, per_seed: dict) -> list[s
         "gets wrong, `<model>_copied` is the share where the model gives the same wrong answer (the ceiling, "
         "trained on gold, shows how often the strong model errs there on its own).\n\n" + markdown_table(imitation_rows),
         *_bootstrap_table(per_seed),
+        *_generative_table(config, per_seed),
         *_popularity_table(per_seed),
         *_start_table(per_seed),
         "How well each head fit its own training labels (its last training batch: loss, where 0.693 is a coin, and "
         "agreement with its labels). A head at chance on test that did not fit its training labels either learnt "
         "nothing; one that fit them and is at chance on test memorised its rows.\n\n" + markdown_table(fit_rows),
     ]
+
+
+def _generative_table(config: W2SGConfig, per_seed: dict) -> list[str]:
+    """With and without generative finetuning, seed by seed: the ceilings and the weak-to-strong models."""
+    if not config.generative:
+        return []
+    kind, generative = config.losses[0].kind, generative_kind(config)
+    rows = [{"task": task, "seed": r["seed"], "weak": r["accuracy"]["weak"], "ceiling": r["accuracy"]["strong_ceiling"],
+             kind: r["accuracy"][kind], GENERATIVE_CEILING: r["accuracy"][GENERATIVE_CEILING],
+             generative: r["accuracy"][generative]} for task, runs in per_seed.items() for r in runs]
+    return [f"Generative finetuning (`generative`): the strong base first trained with the LM loss on the task's "
+            f"training texts, no label; then the ceiling (`{GENERATIVE_CEILING}`) and the weak-to-strong model with "
+            f"the {kind} loss (`{generative}`, its PGR against that ceiling) on it, next to the same without it.\n\n"
+            + markdown_table(rows)]
 
 
 def _bootstrap_table(per_seed: dict) -> list[str]:

@@ -93,12 +93,12 @@ def test_heads_trained_on_the_tiny_world_beat_chance_and_load_as_reward_models(w
     assert scores[0] > scores[1], scores
 
 
-def test_likelihood_heads_and_bootstrapping_on_the_tiny_world(workers, tiny_cache, tmp_path):
-    """The tiny job with likelihood heads (task harmless, naive loss) and an intermediate model: each head starts
-    from the logistic fit of its training labels on the LM's log-likelihoods, trains every weight on the ZeRO-3
-    workers, and is saved as the LM plus its two scalars; a host reads exactly what a forward of the saved LM
-    gives; the weak supervisor is right on most held-out rows; the bootstrapping chain trains on the labels it
-    should."""
+def test_likelihood_heads_bootstrapping_and_generative_finetuning_on_the_tiny_world(workers, tiny_cache, tmp_path):
+    """The tiny job with likelihood heads (task harmless, naive loss), an intermediate model and generative
+    finetuning: each head starts from the logistic fit of its training labels on the LM's log-likelihoods, trains
+    every weight on the ZeRO-3 workers, and is saved as the LM plus its two scalars; a host reads exactly what a
+    forward of the saved LM gives; the weak supervisor is right on most held-out rows; the bootstrapping chain
+    trains on the labels it should; generative finetuning trains the LM on the training texts alone."""
     import shutil
 
     import numpy as np
@@ -113,17 +113,20 @@ def test_likelihood_heads_and_bootstrapping_on_the_tiny_world(workers, tiny_cach
 
     head = "{mode: classify, head: likelihood, head_loss: {kind: xent}, lr: 3.0e-3, epochs: 4, batch_size: 8}"
     intermediate = "{size: {n_layer: 1, n_embd: 24, n_head: 1}, train: {mode: lm, lr: 3.0e-3, batch_size: 32}}"
+    generative = "{mode: lm, lr: 1.0e-3, batch_size: 16}"
     cache = tmp_path / "cache"  # the tiny world's models, and only this job's weak-to-strong stages
     shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("w2sg_*", "*.lock", "ray_train"))
     config = load_config(W2SGConfig, ROOT / "configs/tiny_w2sg.yaml",
                          [f"cache_dir={cache}", f"runs_dir={tmp_path / 'runs'}", "losses=[{kind: xent}]",
-                          f"weak_train={head}", f"strong_train={head}", f"bootstrap={intermediate}"])
+                          f"weak_train={head}", f"strong_train={head}", f"bootstrap={intermediate}",
+                          f"generative={generative}"])
     metrics = run_w2sg(config, RunDir(config.runs_dir, config.run_name), workers=workers)
     (seed,) = metrics["per_seed"]["w2sg"]["harmless"]
     assert seed["accuracy"]["weak"] >= 0.75, seed  # 16 held-out rows: chance is 0.5
     # bootstrapping: the intermediate model trained on the weak labels of train_weak's first half (whole groups,
     # balanced), the strong one on its labels of the second half, and directly on the weak labels of that half
-    assert set(metrics["methods"]["w2sg"]["harmless"]) == {"xent", "probe", "bootstrapped", "direct_half"}
+    section = metrics["methods"]["w2sg"]["harmless"]
+    assert set(section) == {"xent", "probe", "bootstrapped", "direct_half", "generative_xent"}
     (halves,) = cache.glob("w2sg_halves-*")
     first, second = (pq.read_table(halves / f"{h}.parquet") for h in ("first", "second"))
     assert first.num_rows == second.num_rows == 16 and sum(first["label"].to_pylist()) == 8
@@ -134,9 +137,20 @@ def test_likelihood_heads_and_bootstrapping_on_the_tiny_world(workers, tiny_cach
     assert len(by_labeller[32]) == 1 and len(by_labeller[16]) == 3  # train_weak by the weak model; its halves
     assert len({tuple(labels) for labels in by_labeller[16]}) == 3  # the second half twice, by two labellers
 
+    # generative finetuning: the LM loss on the prompt + response of train_gold's and train_weak's rows, no label
+    (texts,) = cache.glob("w2sg_texts-*/texts.parquet")
+    assert pq.read_table(texts).column_names == ["text"] and pq.read_metadata(texts).num_rows == 64
+    (generative_base,) = cache.glob("w2sg_generative-*/model")
+    (strong_base,) = cache.glob("strong_base-*/model")
+    before, after = load_file(strong_base / "model.safetensors"), load_file(generative_base / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # ...and its weak-to-strong model's PGR is against the ceiling trained on that base
+    assert section["generative_xent"]["strong_ceiling"]["per_seed"] == [seed["accuracy"]["generative_ceiling"]]
+
     starts = sorted(cache.glob("w2sg_likelihood_start-*/model"))
-    # the weak supervisor, the ceiling, the weak-to-strong model, the intermediate, bootstrapped and direct ones
-    assert len(starts) == 6
+    # the weak supervisor, the ceiling, the weak-to-strong model, the intermediate, bootstrapped and direct ones,
+    # the generative ceiling and weak-to-strong model
+    assert len(starts) == 8
     assert all(np.isfinite(list(read_likelihood_head(s).values())).all() for s in starts)
     run = tmp_path / "runs" / "tiny_w2sg"
     (weak,) = (run / "checkpoints").glob("w2sg_harmless_s0_weak")
