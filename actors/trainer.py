@@ -1,7 +1,8 @@
 """The one trainer of the project: Ray Train workers running DeepSpeed ZeRO-3, started once per job.
 
 Every training stage goes through `TrainingWorkers.train()` (or `train()` for a single stage):
-language-model pretraining (`lm`), supervised fine-tuning on responses (`sft`), DPO (`dpo`: sigmoid,
+language-model pretraining (`lm`), supervised fine-tuning on responses (`sft`, optionally with the
+token-level confidence loss), DPO (`dpo`: sigmoid,
 IPO or hinge, with an optional SFT term) and WSPO (`wspo`: regression of the policy's per-token
 log-ratio onto the weak models' one), and a one-logit classification head (`classify`: weak-to-strong
 generalization's losses, saved as an AutoModelForSequenceClassification that loads as a reward model; `compare`:
@@ -103,6 +104,12 @@ class TrainConfig(StrictModel):
     # left out of the dump (and so of every cache key) when None: the models of the other modes keep their keys
     head_loss: HeadLoss | None = Field(None, exclude_if=lambda loss: loss is None,
                                        description="mode 'classify': the loss against the labels")
+    # left out of the dump (and so of every cache key) when None
+    confidence: ConfidenceLoss | None = Field(
+        None, exclude_if=lambda loss: loss is None,
+        description="mode 'sft': the auxiliary confidence loss token by token, (1 - a) NLL of the response's "
+                    "tokens + a NLL of the model's own argmax tokens (w2s.losses.token_confidence_loss; MACPO's "
+                    "confident-loss baseline); None: plain SFT")
     # left out of the dump when linear (the first head): those models keep their cache keys
     head: Literal["linear", "likelihood"] = Field(
         "linear", exclude_if=lambda head: head == "linear",
@@ -134,6 +141,8 @@ class TrainConfig(StrictModel):
     def _dpo_only_fields(self):
         if self.mode != "dpo" and self.sft_weight:
             raise ValueError("sft_weight applies to mode 'dpo' only")
+        if self.mode != "sft" and self.confidence is not None:
+            raise ValueError("confidence applies to mode 'sft' only (a head's confidence loss is head_loss)")
         if self.mode in HEAD_MODES:
             if self.head_loss is None:
                 raise ValueError(f"mode {self.mode!r} needs head_loss: {{kind: xent | confidence | product}}")
@@ -282,6 +291,8 @@ def _loss(model, batch: tuple, config: TrainConfig, step_frac: float) -> tuple:
         return _head_loss(model, tokens, scored["label"], config, step_frac)
     if config.mode == "wspo":
         return _wspo_loss(model, tokens, scored, config)
+    if config.confidence is not None:
+        return _confident_sft_loss(model, tokens, config.confidence, step_frac)
     logp = token_logprobs(model, tokens)
     mask = tokens.response_mask[:, 1:].to(logp.device)
     if config.mode in ("lm", "sft"):
@@ -303,6 +314,19 @@ def _loss(model, batch: tuple, config: TrainConfig, step_frac: float) -> tuple:
         metrics["sft_nll"] = nll.item()
     metrics["loss"] = loss.item()
     return loss, int(tokens.attention_mask.sum()), metrics
+
+
+def _confident_sft_loss(model, tokens, confidence: ConfidenceLoss, step_frac: float) -> tuple:
+    """SFT on one micro-batch with the token-level confidence loss, its weight warmed up as a head's is."""
+    from w2s.losses import confidence_weight, token_confidence_loss
+
+    device = next(model.parameters()).device
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    a = confidence_weight(step_frac, confidence.aux_weight, confidence.warmup_frac)
+    loss, agreement = token_confidence_loss(logits, ids[:, 1:], tokens.response_mask[:, 1:].to(device), a)
+    return loss, int(tokens.attention_mask.sum()), {"loss": loss.item(), "aux_weight": a,
+                                                    "label_is_own_argmax": agreement.item()}
 
 
 def _head_loss(model, tokens, labels, config: TrainConfig, step_frac: float) -> tuple:

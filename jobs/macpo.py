@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from jobs.common import Tables, load, main, parse_args, run_seeds
 from pipelines.judge import judged_tables
-from pipelines.macpo import MACPOConfig, pairs_gold_rows, plot_pairs_gold, plot_rounds, run_macpo
+from pipelines.macpo import BASELINES, MACPOConfig, pairs_gold_rows, plot_pairs_gold, plot_rounds, run_macpo
 
 
 def tables(metrics: dict) -> Tables:
@@ -23,8 +23,9 @@ def tables(metrics: dict) -> Tables:
     rows = [{"round": r["round"], "agent": "student", **r["student"]} for r in macpo["rounds"]]
     rows += [{"round": r["round"], "agent": t["name"], **{k: t[k] for k in ("helpful", "harmless", "total")}}
              for r in macpo["rounds"] for t in r["teachers"]]
-    return [("Reference models and naive SFT", [{"model": n, **s} for n, s in metrics["models"].items()]
-             + [{"model": "naive_sft", **metrics["methods"]["naive_sft"]}]),
+    baselines = [n for n in BASELINES if n in metrics["methods"]]
+    return [("Reference models and baselines", [{"model": n, **s} for n, s in metrics["models"].items()]
+             + [{"model": n, **metrics["methods"][n]} for n in baselines]),
             ("MACPO, every round (round 0 = initialisation)", rows),
             ("Gold reward of each round's pairs", pairs_gold_rows(macpo["pairs_gold_reward"])),
             ("What the teachers know (shares of the held-out facts)", [macpo["knowledge"]])]
@@ -34,7 +35,8 @@ def sections(per_seed: dict, mean: dict, std: dict, folder) -> list[str]:
     macpo, macpo_std = mean["methods"]["macpo"], std["methods"]["macpo"]
     if "knowledge" not in macpo:
         return []
-    plot_rounds(macpo["rounds"], {**mean["models"], "naive_sft": mean["methods"]["naive_sft"]},
+    baselines = {n: mean["methods"][n] for n in BASELINES if n in mean["methods"]}
+    plot_rounds(macpo["rounds"], {**mean["models"], **baselines},
                 folder / "macpo_rounds.png", macpo_std)
     plot_pairs_gold(macpo["pairs_gold_reward"], folder / "macpo_pairs_gold.png", macpo_std["pairs_gold_reward"])
     return ["![rounds, mean and standard deviation over seeds](plots/macpo_rounds.png)",

@@ -44,7 +44,7 @@ from pydantic import Field, model_validator
 
 from actors.resources import ClusterConfig
 from actors.stages import score_by_host
-from actors.trainer import TrainConfig
+from actors.trainer import ConfidenceLoss, TrainConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_table, gold_evaluate,
                                   knowledge_transfer, plot_lines)
@@ -90,6 +90,10 @@ class MACPOConfig(StrictModel):
     student_sft: TrainConfig | None = Field(None, description="the student's initialisation, when it should "
                                             "differ from the teachers' (None: `sft`)")
     dpo: TrainConfig = Field(description="each round's training of the positive agents (mode dpo)")
+    confident_loss: ConfidenceLoss | None = Field(None, exclude_if=_unset, description="the confident-loss "
+                                                  "baseline (`confident_sft`): the student's SFT on the same weak "
+                                                  "labels as naive SFT, with Burns et al.'s auxiliary confidence "
+                                                  "loss token by token; None: not run")
     generation: GenerationConfig = GenerationConfig()
     eval_generation: GenerationConfig = GenerationConfig()
     score_batch_size: int = Field(64, ge=1)
@@ -110,6 +114,9 @@ class MACPOConfig(StrictModel):
         for name in ("sft", "student_sft"):
             if getattr(self, name) is not None and getattr(self, name).mode != "sft":
                 raise ValueError(f"{name}.mode must be 'sft', got {getattr(self, name).mode!r}")
+            if getattr(self, name) is not None and getattr(self, name).confidence is not None:
+                raise ValueError(f"{name}.confidence: naive SFT is the student's start; the confident-loss "
+                                 "baseline is `confident_loss`")
         if self.dpo.mode != "dpo":
             raise ValueError(f"dpo.mode must be 'dpo', got {self.dpo.mode!r}")
         own_fields = [name for name in ("student", "data", "evaluate") if getattr(self, name) is not None]
@@ -135,7 +142,8 @@ class MACPOConfig(StrictModel):
     def judged(self) -> list[str]:
         """What an `evaluate:` section judges: the strong base, naive SFT, every agent after every round."""
         agents = ["student", *(t.name for t in self.teachers)]
-        return ["strong_base", "naive_sft", *(f"{a}_r{r}" for r in range(self.rounds + 1) for a in agents)]
+        baselines = ["naive_sft", *(["confident_sft"] if self.confident_loss else [])]
+        return ["strong_base", *baselines, *(f"{a}_r{r}" for r in range(self.rounds + 1) for a in agents)]
 
 
 def _log(msg: str) -> None:
@@ -231,10 +239,11 @@ def run_macpo(config: MACPOConfig, run: RunDir, seed: int = 0, workers: Workers 
         inputs = own[0] if own else _world_inputs(config, prepare_config, run, max_length, workers)
         history, set_aside, pair_gold = _rounds(config, inputs, stages, max_length, run)
         teachers = [t.name for t in config.teachers]
+        baselines, agents = _baselines(config, inputs, history, stages), _agent_models(history, teachers)
         if inputs.prepared is None:
-            metrics = _own_models_report(config, inputs, history, set_aside, run, workers)
+            metrics = _own_models_report(config, inputs, {**baselines, **agents}, set_aside, run, workers)
         else:
-            metrics = _evaluate(config, inputs.prepared, history, teachers, set_aside, pair_gold, run, workers)
+            metrics = _evaluate(config, inputs.prepared, baselines, agents, set_aside, pair_gold, run, workers)
     run.update_metrics({"wall_seconds": {"macpo": round(time.perf_counter() - start, 1)},
                         "methods": {"macpo": {"stage_seconds": stages.cache.seconds, "stage_nodes": stages.placement()}}})
     return metrics
@@ -318,15 +327,32 @@ def _initialise(config: MACPOConfig, inputs: Inputs, stages: Stages, max_length:
         (path / "placement.json").write_text(json.dumps(workers.hosts.where()))
         pq.write_table(generations, path / "generations.parquet")
 
-    labels = pq.read_table(stages.run("weak_labels", build_weak_labels) / "generations.parquet").to_pylist()
-    label_prompts = [row["prompt"] for row in labels for _ in teachers]
+    stages.run("weak_labels", build_weak_labels)
     student_sft = config.student_sft or config.sft
-    agents["student"] = stages.train({"init_student": (student_sft, inputs.student, _sft_table(
-        label_prompts, [row[f"{t}_response"] for row in labels for t in teachers]))})["init_student"]
+    agents["student"] = stages.train({"init_student": (student_sft, inputs.student,
+                                                       _weak_labels(stages, teachers, "response"))})["init_student"]
     # the negative agent starts from the student (it must first know the task), so it trains after it
-    agents["student_negative"] = stages.train({"init_student_negative": (student_sft, agents["student"], _sft_table(
-        label_prompts, [row[f"{t}_negative_response"] for row in labels for t in teachers]))})["init_student_negative"]
+    agents["student_negative"] = stages.train({"init_student_negative": (
+        student_sft, agents["student"], _weak_labels(stages, teachers, "negative_response"))})["init_student_negative"]
     return agents
+
+
+def _weak_labels(stages: Stages, teachers: list[str], side: str) -> pa.Table:
+    """The student's SFT data: every teacher's `<teacher>_<side>` to each prompt of half B (the weak_labels stage)."""
+    labels = pq.read_table(stages.cache.path("weak_labels", "") / "generations.parquet").to_pylist()
+    return _sft_table([row["prompt"] for row in labels for _ in teachers],
+                      [row[f"{t}_{side}"] for row in labels for t in teachers])
+
+
+def _baselines(config: MACPOConfig, inputs: Inputs, history: list[dict], stages: Stages) -> dict[str, ModelSpec]:
+    """What MACPO is compared with: naive SFT (the student's round 0) and, with `confident_loss`, the strong base
+    trained as naive SFT is, with the token-level confidence loss (the MACPO paper's "confident loss")."""
+    baselines = {"naive_sft": history[0]["student"]}
+    if config.confident_loss is not None:
+        confident = (config.student_sft or config.sft).model_copy(update={"confidence": config.confident_loss})
+        data = _weak_labels(stages, [t.name for t in config.teachers], "response")
+        baselines.update(stages.train({"confident_sft": (confident, inputs.student, data)}))
+    return baselines
 
 
 def _rounds(config: MACPOConfig, inputs: Inputs, stages: Stages, max_length: int, run: RunDir
@@ -475,18 +501,15 @@ def _round_pairs(config: MACPOConfig, agents: dict[str, ModelSpec], teachers: li
 
 
 def _agent_models(history: list[dict], teachers: list[str]) -> dict[str, ModelSpec]:
-    """Naive SFT (the student's round 0) and every agent after every round, named `<agent>_r<round>`."""
-    models = {"naive_sft": history[0]["student"]}
-    models.update({f"{agent}_r{r}": agents[agent] for r, agents in enumerate(history) for agent in ["student", *teachers]})
-    return models
+    """Every agent after every round, named `<agent>_r<round>`."""
+    return {f"{agent}_r{r}": agents[agent] for r, agents in enumerate(history) for agent in ["student", *teachers]}
 
 
-def _own_models_report(config: MACPOConfig, inputs: Inputs, history: list[dict], set_aside: dict, run: RunDir,
-                       workers: Workers) -> dict:
-    """metrics.json and report.md of MACPO on your own models: the pairs of every round, the trained agents and,
-    with `evaluate:`, the judges' verdicts on them."""
+def _own_models_report(config: MACPOConfig, inputs: Inputs, models: dict[str, ModelSpec], set_aside: dict,
+                       run: RunDir, workers: Workers) -> dict:
+    """metrics.json and report.md of MACPO on your own models: the pairs of every round, the trained agents (and
+    baselines) and, with `evaluate:`, the judges' verdicts on them."""
     teachers = [t.name for t in config.teachers]
-    models = _agent_models(history, teachers)
     for name, spec in models.items():
         run.link(f"checkpoints/{name}", spec.path)
     pairs = [{"round": r, "agent": agent, "pairs": n} for r in range(1, config.rounds + 1)
@@ -522,11 +545,13 @@ def _pairs_per_agent(path: Path) -> dict[str, int]:
     return {agent: agents.count(agent) for agent in dict.fromkeys(agents)}
 
 
-def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list[str], set_aside: dict,
-              pair_gold: dict, run: RunDir, workers: Workers) -> dict:
+def _evaluate(config: MACPOConfig, prepared, baselines: dict[str, ModelSpec], agents: dict[str, ModelSpec],
+              set_aside: dict, pair_gold: dict, run: RunDir, workers: Workers) -> dict:
+    """Gold reward of the reference models, the baselines and every agent after every round: metrics and report."""
     references = ("weak_aligned", "strong_ceiling", "strong_base")
+    teachers = [t.name for t in config.teachers]
     models = {name: prepared.models[name] for name in references}
-    models.update({name: Path(spec.path) for name, spec in _agent_models(history, teachers).items()})
+    models.update({name: Path(spec.path) for name, spec in {**baselines, **agents}.items()})
     scores, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet", models,
                                         config.eval_generation, workers)
     run.write_examples("eval_generations", generations)
@@ -538,21 +563,21 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
         return {**s, "pgr": pgr(s["total"], weak, ceiling)}
 
     rounds = [{"round": r, "student": with_pgr(scores[f"student_r{r}"]),
-               "teachers": [{"name": t, **scores[f"{t}_r{r}"]} for t in teachers]} for r in range(len(history))]
+               "teachers": [{"name": t, **scores[f"{t}_r{r}"]} for t in teachers]} for r in range(config.rounds + 1)]
     knowledge = teacher_knowledge(generations, teachers)
-    transfer = [knowledge_transfer(generations, name) for name in ("naive_sft", f"student_r{len(history) - 1}")]
+    transfer = [knowledge_transfer(generations, name) for name in (*baselines, f"student_r{config.rounds}")]
     section = {"rounds": rounds, "teachers": teachers, "set_aside_pairs": set_aside, "pairs_gold_reward": pair_gold,
                "knowledge": knowledge, "transfer": transfer}
     metrics = run.update_metrics({"models": {n: scores[n] for n in references},
-                                  "methods": {"macpo": section, "naive_sft": with_pgr(scores["naive_sft"])}})
+                                  "methods": {"macpo": section, **{n: with_pgr(scores[n]) for n in baselines}}})
 
     plot_rounds(rounds, scores, run.path / "plots" / "macpo_rounds.png")
     plot_pairs_gold(pair_gold, run.path / "plots" / "macpo_pairs_gold.png")
     table = [{"round": row["round"], "agent": "student", **row["student"]} for row in rounds]
     table += [{"round": row["round"], "agent": t["name"], **{k: t[k] for k in ("helpful", "harmless", "total")},
                "pgr": None} for row in rounds for t in row["teachers"]]
-    refs = [{"model": n, **scores[n], "pgr": with_pgr(scores[n])["pgr"] if n == "naive_sft" else None}
-            for n in (*references, "naive_sft")]
+    refs = [{"model": n, **scores[n], "pgr": with_pgr(scores[n])["pgr"] if n in baselines else None}
+            for n in (*references, *baselines)]
     run.write_report("MACPO on the embedded world", [
         f"{len(teachers)} weak teachers ({', '.join(teachers)}) and the strong student, {config.rounds} rounds of "
         f"{config.round_prompts} prompts. Round 0 is the initialisation (the student then equals naive SFT on "
@@ -576,7 +601,7 @@ def _evaluate(config: MACPOConfig, prepared, history: list[dict], teachers: list
         "rejected, too long):\n\n" + "\n".join(
             f"- round {r}: " + (", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "none")
             for r, reasons in set_aside.items()),
-        "Example generations:\n\n" + examples_table(generations, ["naive_sft", f"student_r{len(history) - 1}",
+        "Example generations:\n\n" + examples_table(generations, ["naive_sft", f"student_r{config.rounds}",
                                                                   "strong_ceiling"]),
     ])
     return metrics
@@ -629,6 +654,9 @@ def plot_pairs_gold(pair_gold: dict, path: Path, std: dict | None = None) -> Non
     plot_lines([int(r) for r in rounds], series, {}, "round (helpful gold reward of the pairs' responses)", path)
 
 
+BASELINES = ("naive_sft", "confident_sft")  # what MACPO is compared with (_baselines); confident_sft when configured
+
+
 def plot_rounds(rounds: list[dict], scores: dict, path: Path, std: dict | None = None) -> None:
     """Gold reward (total) of the student and every teacher per round (with `std`, the rounds' and
     references' standard deviations over seeds, as error bars)."""
@@ -639,5 +667,6 @@ def plot_rounds(rounds: list[dict], scores: dict, path: Path, std: dict | None =
                                                 [row["teachers"][i]["total"] for row in std["rounds"]] if std else None)
     plot_lines([row["round"] for row in rounds], series,
                {name: (scores[name]["total"], color) for name, color in
-                (("naive_sft", "tab:brown"), ("strong_ceiling", "black"), ("weak_aligned", "tab:gray"))},
+                (("naive_sft", "tab:brown"), ("confident_sft", "tab:olive"), ("strong_ceiling", "black"),
+                 ("weak_aligned", "tab:gray")) if name in scores},
                "round (0 = initialisation)", path)

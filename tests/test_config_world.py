@@ -40,6 +40,10 @@ def test_missing_config_file():
 def test_sft_weight_only_for_dpo():
     with pytest.raises(ValueError, match="sft_weight applies to mode 'dpo' only"):
         TrainConfig(mode="sft", sft_weight=0.2)
+    with pytest.raises(ValueError, match="confidence applies to mode 'sft' only"):
+        TrainConfig(mode="dpo", confidence={"kind": "confidence"})
+    # plain SFT keeps its cache keys: an unset confidence is not in the dump
+    assert "confidence" not in TrainConfig(mode="sft").model_dump()
 
 
 def test_world_is_deterministic_and_gold_reward_exact():

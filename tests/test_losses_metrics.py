@@ -111,6 +111,32 @@ def test_product_loss_learns_nothing_from_an_uninformative_weak_label():
         assert (abs(logits.grad.item()) > 1e-6) == moved, (kind, logits.grad)
 
 
+def test_token_confidence_loss_by_hand():
+    """Two response tokens over a 2-word vocabulary: p = [1/4, 3/4] at both. The first's label is word 0 (the
+    model's argmax is word 1), the second's is word 1 (its argmax); a third position is not a response token."""
+    from w2s.losses import token_confidence_loss
+
+    logits = torch.tensor([[[0.0, math.log(3.0)]] * 3])
+    targets, mask = torch.tensor([[0, 1, 0]]), torch.tensor([[1, 1, 0]])
+    loss, agreement = token_confidence_loss(logits, targets, mask, a=0.0)
+    assert loss.item() == pytest.approx((math.log(4) + math.log(4 / 3)) / 2)  # plain NLL of the labels
+    assert agreement.item() == pytest.approx(0.5)
+    # a = 0.5: half of each token's loss is on the argmax word, whose NLL is log(4/3) at both
+    loss, _ = token_confidence_loss(logits, targets, mask, a=0.5)
+    assert loss.item() == pytest.approx((0.5 * math.log(4) + 0.5 * math.log(4 / 3) + math.log(4 / 3)) / 2)
+
+
+def test_token_confidence_loss_sharpens_the_models_own_prediction():
+    """At a = 1 the labels no longer matter: the gradient raises the argmax word's logit, even where the label is
+    another word."""
+    from w2s.losses import token_confidence_loss
+
+    logits = torch.tensor([[[0.0, 1.0, 0.5]]], requires_grad=True)
+    loss, _ = token_confidence_loss(logits, torch.tensor([[2]]), torch.tensor([[1]]), a=1.0)
+    loss.backward()
+    assert logits.grad[0, 0].argmin().item() == 1 and (logits.grad[0, 0, [0, 2]] > 0).all()
+
+
 def test_the_logistic_fit_a_likelihood_head_starts_from():
     """Soft labels 0.25 / 0.75 at features 0 / 2: the exact fit is sigmoid(ln 3 x (feature - 1)); shifting every
     feature moves only the bias; classes a feature separates give a finite slope (the L2 penalty) with the

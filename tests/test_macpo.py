@@ -79,6 +79,10 @@ def test_config_errors_name_the_field():
         _config(student_sft={"mode": "dpo"})
     with pytest.raises(ValueError, match="dpo.mode must be 'dpo'"):
         _config(dpo={"mode": "sft"})
+    with pytest.raises(ValueError, match="confident_loss.kind"):
+        _config(confident_loss={"kind": "product"})  # a head's loss: no token-level form
+    with pytest.raises(ValueError, match="student_sft.confidence: naive SFT is the student's start"):
+        _config(student_sft={"mode": "sft", "confidence": {"kind": "confidence"}})
     with pytest.raises(ValueError, match="at least 1 item"):
         _config(teachers=[])
 

@@ -142,7 +142,10 @@ def test_macpo_runs_across_two_nodes(uninterrupted):
     assert [r["round"] for r in rounds] == [0, 1]
     assert all({"helpful", "harmless", "total", "pgr"} <= set(r["student"]) for r in rounds)
     assert [t["name"] for t in rounds[-1]["teachers"]] == ["weak_a", "weak_b"]
-    assert "pgr" in metrics["methods"]["naive_sft"]
+    assert "pgr" in metrics["methods"]["naive_sft"] and "pgr" in metrics["methods"]["confident_sft"]
+    # the confident-loss baseline trained with its loss: the weight warmed up to 0.5 by the last step
+    last = json.loads((uninterrupted / "stages/confident_sft/train_summary.json").read_text())["last"]
+    assert last["aux_weight"] == 0.5 and 0 <= last["label_is_own_argmax"] <= 1, last
 
     nodes = metrics["methods"]["macpo"]["stage_nodes"]
     # every model host on a node of its own (a host node has one host_slot): the 4 weak-label generators, and
@@ -150,9 +153,10 @@ def test_macpo_runs_across_two_nodes(uninterrupted):
     assert len(nodes["weak_labels"]) == 4 and len(nodes["round1_pairs"]) == 3, nodes
     # ...and every training stage on two nodes: its 2 ZeRO-3 workers need the one train_slot of each
     # (a round-1 agent whose pairs were all set aside as chosen == rejected has no stage: tiny models)
-    training = [stage for stage in nodes if stage.startswith(("init_", "round1_")) and stage != "round1_pairs"]
+    training = [stage for stage in nodes if stage.startswith(("init_", "round1_", "confident_sft"))
+                and stage != "round1_pairs"]
     assert {"init_weak_a", "init_weak_a_negative", "init_weak_b", "init_weak_b_negative", "init_student",
-            "init_student_negative", "round1_student"} <= set(training), nodes
+            "init_student_negative", "round1_student", "confident_sft"} <= set(training), nodes
     assert all(len(nodes[stage]) == 2 for stage in training), nodes
     assert (uninterrupted / "examples" / "macpo_round1_pairs.parquet").is_file()
     assert "![rounds](plots/macpo_rounds.png)" in (uninterrupted / "report.md").read_text()

@@ -1,5 +1,5 @@
-"""Losses as pure tensor math (no Ray, no models): DPO and its variants, SFT, WSPO, and weak-to-strong
-generalization's (naive, auxiliary confidence, product) on a head's logits.
+"""Losses as pure tensor math (no Ray, no models): DPO and its variants, SFT (and its token-level confidence
+form), WSPO, and weak-to-strong generalization's (naive, auxiliary confidence, product) on a head's logits.
 
 Inputs are sequence log-probs already reduced over response tokens; the trainer decides the
 reduction (sum for sigmoid/hinge as in DPO, per-token mean for IPO as in TRL).
@@ -38,6 +38,26 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def masked_mean_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per token, averaged over the masked tokens of the whole batch."""
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def token_confidence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, a: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Burns et al.'s auxiliary confidence loss on generation, token by token (MACPO's "confident loss" baseline):
+
+    per token t: (1 - a) * -log p(y_t) + a * -log p(argmax p)
+    the weak label's token y_t, and the model's own prediction made hard (the argmax: a vocabulary has no class
+    balance to threshold by). Averaged over the masked tokens of the whole batch, as masked_mean_nll; at a = 0 it
+    is that NLL. `logits` [B, T, V] predict `targets` [B, T]; `mask` [B, T] is 1 on response tokens. Returns the
+    loss and the share of the masked tokens where the label is the model's own argmax (detached)."""
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    top, argmax = logits.max(dim=-1)  # the argmax token's logit: CE against a hard label, which gets no gradient
+    mask = mask.to(logits.dtype)
+    per_token = norm - (1 - a) * target - a * top
+    tokens = mask.sum().clamp(min=1)
+    agreement = ((argmax == targets).to(logits.dtype) * mask).sum() / tokens
+    return (per_token * mask).sum() / tokens, agreement.detach()
 
 
 def wspo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weak_aligned_logps: torch.Tensor,
