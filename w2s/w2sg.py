@@ -28,9 +28,14 @@ def split_groups(groups: list[list[dict]], test_share: float, seed: int) -> dict
     return {name: [row for group in part for row in group] for name, part in parts.items()}
 
 
+def right(probs, labels) -> list[bool]:
+    """Row by row: whether p > 0.5 says the gold class (labels 0/1)."""
+    return [(p > 0.5) == (y > 0.5) for p, y in zip(probs, labels, strict=True)]
+
+
 def accuracy(probs, labels) -> float:
     """Share of rows where p > 0.5 says the gold class (labels 0/1)."""
-    return sum((p > 0.5) == (y > 0.5) for p, y in zip(probs, labels, strict=True)) / len(labels)
+    return sum(right(probs, labels)) / len(labels)
 
 
 def imitation(student, weak, labels) -> dict[str, float | int]:
