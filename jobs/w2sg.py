@@ -4,7 +4,8 @@ and product losses) against the weak supervisor and the strong ceiling, per task
     python -m jobs.w2sg [--config configs/w2sg.yaml] [--set seeds=[0,1,2,3] --set tasks=[correct] ...]
     ray job submit --working-dir . -- python -m jobs.w2sg --config configs/w2sg.yaml
 
-On the embedded world it reuses (or first builds) the weak and strong base models of `python -m jobs.prepare`.
+On the embedded world it reuses (or first builds) the weak and strong base models of `python -m jobs.prepare`;
+with `prepare: null` it runs on your own weak and strong models and preference pairs (configs/w2sg_own.yaml).
 The seeds are the job's own (other splits, other training seeds), so it runs in one folder.
 """
 

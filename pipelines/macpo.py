@@ -50,7 +50,7 @@ from pipelines.evaluation import (GenerationConfig, distinct_facts, examples_tab
                                   knowledge_transfer, plot_lines)
 from pipelines.judge import Judging, check_judging, judge_models
 from pipelines.prepare import Prepared, PretrainStage, load_prepare, model_positions_of, prepare, pretrained_base
-from w2s.config import ConfigError, StrictModel, offset_seeds
+from w2s.config import ConfigError, StrictModel, offset_seeds, unset
 from w2s.data import RAW_SCHEMA, PreferenceDataError, check_batch, format_rejections, load_pairs
 from w2s.metrics import gold_scores, knowledge_overlap, pgr
 from w2s.modeling import (ModelSpec, TokenizerMismatchError, check_model_task, check_same_tokenizer, encode_prompts,
@@ -58,17 +58,11 @@ from w2s.modeling import (ModelSpec, TokenizerMismatchError, check_model_task, c
 from w2s.runs import Cache, RunDir, markdown_table
 
 
-def _unset(value) -> bool:
-    """Fields of your own models' mode are left out of config.yaml while unset, so that a run folder written
-    before they existed continues (w2s.runs.RunDir.claim)."""
-    return value is None
-
-
 class TeacherSpec(StrictModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     pretrain: PretrainStage | None = Field(None, description="embedded world: None: the prepared weak base; else "
                                            "a weak model pretrained here (another size or seed)")
-    model: ModelSpec | None = Field(None, exclude_if=_unset, description="your own models (prepare: null): the "
+    model: ModelSpec | None = Field(None, exclude_if=unset, description="your own models (prepare: null): the "
                                     "teacher's weak base checkpoint")
 
 
@@ -78,9 +72,9 @@ class MACPOConfig(StrictModel):
     cache_dir: str = Field(".cache/w2s", description="content-hash cache of the prepared models")
     prepare: str | None = Field("configs/prepare.yaml", description="the embedded world's prepare config; null "
                                 "for your own models: `student`, every teacher's `model` and `data`")
-    student: ModelSpec | None = Field(None, exclude_if=_unset, description="your own models: the strong base "
+    student: ModelSpec | None = Field(None, exclude_if=unset, description="your own models: the strong base "
                                       "the student starts from")
-    data: str | None = Field(None, exclude_if=_unset, description="your own models: preference pairs (JSONL, "
+    data: str | None = Field(None, exclude_if=unset, description="your own models: preference pairs (JSONL, "
                              "Parquet or saved HF dataset; plain or chat). Half A initialises the teachers, half B "
                              "gives the student's weak labels and the rounds' prompts")
     teachers: list[TeacherSpec] = Field(min_length=1)
@@ -90,7 +84,7 @@ class MACPOConfig(StrictModel):
     student_sft: TrainConfig | None = Field(None, description="the student's initialisation, when it should "
                                             "differ from the teachers' (None: `sft`)")
     dpo: TrainConfig = Field(description="each round's training of the positive agents (mode dpo)")
-    confident_loss: ConfidenceLoss | None = Field(None, exclude_if=_unset, description="the confident-loss "
+    confident_loss: ConfidenceLoss | None = Field(None, exclude_if=unset, description="the confident-loss "
                                                   "baseline (`confident_sft`): the student's SFT on the same weak "
                                                   "labels as naive SFT, with Burns et al.'s auxiliary confidence "
                                                   "loss token by token; None: not run")
@@ -100,7 +94,7 @@ class MACPOConfig(StrictModel):
     max_length: int | None = Field(None, ge=8, description="tokens of prompt + response + EOS for every stage; "
                                    "None: the models' positions")
     cluster: ClusterConfig = ClusterConfig()  # train.cpus_per_worker below 1: a round's agents side by side
-    evaluate: Judging | None = Field(None, exclude_if=_unset, description="your own models: judge the strong "
+    evaluate: Judging | None = Field(None, exclude_if=unset, description="your own models: judge the strong "
                                      "base, naive SFT and every agent after every round on these prompts at the "
                                      "end (pipelines.judge); the embedded world has its gold reward instead")
     seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds): each shifts every "

@@ -1,4 +1,5 @@
-"""Weak-to-strong generalization (Burns et al. 2024; ALGORITHMS.md section 4) on the embedded world.
+"""Weak-to-strong generalization (Burns et al. 2024; ALGORITHMS.md section 4) on the embedded world, or on your
+own weak and strong checkpoints and preference pairs (`prepare: null`: the task `pairs`).
 
     per task and seed:  the world's rows -> three splits (w2s.w2sg.split_groups)
       weak supervisor   = the weak base + a classification head, trained on train_gold's gold labels
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,12 +36,14 @@ from actors.resources import ClusterConfig
 from actors.stages import reward_responses, score_responses
 from actors.trainer import ConfidenceLoss, HeadLoss, NaiveLoss, ProductLoss, TrainConfig
 from actors.workers import Workers, job_workers
-from pipelines.prepare import PretrainStage, load_prepare, max_length_of, prepare, pretrained_base
-from w2s.config import StrictModel, offset_seeds
+from pipelines.prepare import Prepared, PretrainStage, load_prepare, max_length_of, prepare, pretrained_base
+from w2s.config import StrictModel, offset_seeds, unset
 from w2s.metrics import mean_and_spread, median_pgr, pgr
-from w2s.modeling import LIKELIHOOD_HEAD, ModelSpec, classifier_task, weights_fingerprint
+from w2s.data import PreferenceDataError, format_rejections, load_pairs
+from w2s.modeling import (LIKELIHOOD_HEAD, ModelSpec, check_model_task, check_same_tokenizer, classifier_task, load_tokenizer,
+                          model_positions, resolve_max_length, weights_fingerprint)
 from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_table
-from w2s.w2sg import SPLITS, accuracy, accuracy_by_band, fit_logistic, imitation, split_groups
+from w2s.w2sg import SPLITS, accuracy, accuracy_by_band, fit_logistic, imitation, pair_groups, split_groups
 
 TASKS = ("correct", "harmless", "pairs")
 PAIRWISE = ("pairs",)  # tasks whose rows are two responses (response_a, response_b): heads train in mode compare
@@ -55,8 +60,18 @@ class W2SGConfig(StrictModel):
     run_name: str = "w2sg"
     runs_dir: str = "runs"
     cache_dir: str = Field(".cache/w2s", description="content-hash cache of every stage, the prepared models included")
-    prepare: str = Field("configs/prepare.yaml", description="the prepare config whose world and weak / strong base "
-                         "models to use")
+    prepare: str | None = Field("configs/prepare.yaml", description="the prepare config whose world and weak / "
+                                "strong base models to use; null: your own `weak`, `strong` and `data`")
+    weak: ModelSpec | None = Field(None, exclude_if=unset, description="your own models: the weak base (its head, "
+                                   "trained on gold labels, is the weak supervisor)")
+    strong: ModelSpec | None = Field(None, exclude_if=unset, description="your own models: the strong base; the "
+                                     "same tokenizer as `weak`")
+    data: str | None = Field(None, exclude_if=unset, description="your own models: preference pairs (JSONL, "
+                             "Parquet or saved HF dataset; plain or chat), the task `pairs`: which of two responses "
+                             "is the better, the chosen one by gold label")
+    max_length: int | None = Field(None, ge=8, exclude_if=unset, description="your own models: tokens of prompt + "
+                                   "response + end of turn (None: the models' positions); the world's is its prepare "
+                                   "config's")
     tasks: list[Literal["correct", "harmless", "pairs"]] = Field(list(TASKS), min_length=1,
                                                             description="w2s.world.World.classification_groups")
     losses: list[HeadLoss] = Field([NaiveLoss(), ConfidenceLoss(), ProductLoss()], min_length=1,
@@ -83,8 +98,29 @@ class W2SGConfig(StrictModel):
     score_batch_size: int = Field(64, ge=1)
     cluster: ClusterConfig = ClusterConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _own_task(cls, data):
+        """Your own pairs make one task, `pairs`: it is the default of `tasks` there."""
+        if isinstance(data, dict) and "prepare" in data and data["prepare"] is None:
+            data.setdefault("tasks", list(PAIRWISE))
+        return data
+
     @model_validator(mode="after")
     def _check(self):
+        own = [name for name in ("weak", "strong", "data", "max_length") if getattr(self, name) is not None]
+        if self.prepare is not None and own:
+            raise ValueError(f"{', '.join(own)}: for your own models (prepare: null); the embedded world brings its "
+                             "models and rows")
+        if self.prepare is None:
+            missing = [name for name in ("weak", "strong", "data") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"prepare: null (your own models) needs {', '.join(missing)}")
+            if self.tasks != list(PAIRWISE):
+                raise ValueError(f"tasks: your own pairs make the task {PAIRWISE[0]!r} only, got {self.tasks}")
+            if self.bootstrap is not None:
+                raise ValueError("bootstrap pretrains its intermediate model on the embedded world; with your own "
+                                 "models it is not available")
         if self.generative is not None and self.generative.mode != "lm":
             raise ValueError(f"generative.mode must be 'lm', got {self.generative.mode!r}")
         for field in ("weak_train", "strong_train"):
@@ -107,9 +143,8 @@ def run_w2sg(config: W2SGConfig, run: RunDir, workers: Workers | None = None) ->
     start = time.perf_counter()
     run.claim(config)
     with job_workers(workers, Path(config.cache_dir).resolve() / "ray_train", config.cluster) as workers:
-        prepare_config = load_prepare(config.prepare, config.cache_dir)
-        prepared = prepare(prepare_config, workers=workers)
-        job = _Job(config, prepared, max_length_of(prepare_config), run, workers)
+        inputs = _world_inputs(config, workers) if config.prepare else _own_inputs(config, run)
+        job = _Job(config, inputs, run, workers)
         per_seed = {task: [job.one_seed(task, seed) for seed in config.seeds] for task in config.tasks}
     # likelihood heads: also the strong model's probe of the weak labels alone (PROBE: no weight of the LM trained)
     kinds = [loss.kind for loss in config.losses] + ([PROBE] if config.strong_train.head == "likelihood" else [])
@@ -120,25 +155,69 @@ def run_w2sg(config: W2SGConfig, run: RunDir, workers: Workers | None = None) ->
     metrics = run.update_metrics({"methods": {"w2sg": section}, "per_seed": {"w2sg": per_seed},
                                   "wall_seconds": {"w2sg": round(time.perf_counter() - start, 1)}})
     plot_accuracies(section, run.path / "plots" / "w2sg_accuracy.png")
-    run.write_report("Weak-to-strong generalization on the embedded world", report_sections(config, section, per_seed))
+    title = "on the embedded world" if config.prepare else f"on {config.data}"
+    run.write_report(f"Weak-to-strong generalization {title}", report_sections(config, inputs, section, per_seed))
     return metrics
+
+
+@dataclass
+class Inputs:
+    """What a job trains on: the two base models and each task's rows, in groups that go to one split together."""
+
+    bases: dict[str, Path]  # weak, strong
+    groups: Callable[[str], list[list[dict]]]  # task -> its rows' groups
+    key: str  # the rows' content key (the world's, or your data file's)
+    max_length: int
+    prepared: Prepared | None = None  # the embedded world (bootstrapping, popularity bands); None: your own
+    usable_rows: int = 0  # your own pairs: the usable ones, and those set aside with their reasons
+    set_aside_rows: int = 0
+
+
+def _world_inputs(config: W2SGConfig, workers: Workers) -> Inputs:
+    prepare_config = load_prepare(config.prepare, config.cache_dir)
+    prepared = prepare(prepare_config, workers=workers)
+    return Inputs({"weak": prepared.models["weak_base"], "strong": prepared.models["strong_base"]},
+                  prepared.world.classification_groups, prepared.world_key, max_length_of(prepare_config), prepared)
+
+
+def _own_inputs(config: W2SGConfig, run: RunDir) -> Inputs:
+    """Your own models and pairs, checked in the driver before any worker starts. A row that is not a usable pair
+    (a missing or empty field, chosen equal to rejected, too long) is set aside with its reason
+    (examples/w2sg_rejected_rows.parquet)."""
+    models = {"weak": config.weak, "strong": config.strong}
+    for spec in models.values():
+        check_model_task(spec.path, "causal_lm")
+    check_same_tokenizer(models)
+    max_length = resolve_max_length(config.max_length, {n: model_positions(s.path) for n, s in models.items()})
+    good, bad = load_pairs(config.data, load_tokenizer(config.strong.path, config.strong.trust_remote_code),
+                           max_length)
+    run.write_examples("w2sg_rejected_rows", bad)
+    _log(f"{good.num_rows} usable pairs in {config.data}; {format_rejections(bad)}")
+    groups = pair_groups(good.select(["prompt", "chosen", "rejected"]).to_pylist())
+    if len(groups) < 3:
+        raise PreferenceDataError(f"{config.data}: {len(groups)} usable pairs; the task needs at least 3 (a test "
+                                  f"split and two training halves). {format_rejections(bad)}")
+    return Inputs({name: Path(spec.path) for name, spec in models.items()}, lambda task: groups,
+                  file_hash(Path(config.data)), max_length, usable_rows=good.num_rows, set_aside_rows=bad.num_rows)
 
 
 class _Job:
     """One job's world, hosts, workers and cache: the stages of one (task, seed)."""
 
-    def __init__(self, config: W2SGConfig, prepared, max_length: int, run: RunDir, workers: Workers):
-        self.config, self.prepared, self.max_length, self.run, self.workers = config, prepared, max_length, run, workers
+    def __init__(self, config: W2SGConfig, inputs: Inputs, run: RunDir, workers: Workers):
+        self.config, self.inputs, self.run, self.workers = config, inputs, run, workers
+        self.max_length = inputs.max_length
         self.cache = Cache(config.cache_dir)
         self.started: dict[Path, Path] = {}  # a trained likelihood head -> the logistic fit it started from
-        ranked = prepared.world.popularity(0)  # the thirds of the entities by how often the corpus writes of them
+        # the world's entities in thirds by how often the corpus writes of them (none for your own rows)
+        ranked = inputs.prepared.world.popularity(0) if inputs.prepared else []
         self.band_of = {name: POPULARITY_BANDS[3 * rank // len(ranked)] for rank, name in enumerate(ranked)}
 
     def one_seed(self, task: str, seed: int) -> dict:
         """The weak supervisor, its labels, the ceiling and a weak-to-strong model per loss; their test accuracy."""
         _log(f"task {task!r}, seed {seed}")
         splits = self._splits(task, seed)
-        bases = {"weak": self.prepared.models["weak_base"], "strong": self.prepared.models["strong_base"]}
+        bases = self.inputs.bases
         mode = {"mode": "compare" if task in PAIRWISE else "classify"}  # one response's class, or which of two
         weak_train, strong_train = (offset_seeds(c, seed).model_copy(update=mode)
                                     for c in (self.config.weak_train, self.config.strong_train))
@@ -181,10 +260,10 @@ class _Job:
                                                   self.band_of)}
 
     def _splits(self, task: str, seed: int) -> Path:
-        key = content_hash("w2sg-splits-v1", self.prepared.world_key, task, seed, self.config.test_share)
+        key = content_hash("w2sg-splits-v1", self.inputs.key, task, seed, self.config.test_share)
 
         def build(path: Path) -> None:
-            parts = split_groups(self.prepared.world.classification_groups(task), self.config.test_share, seed)
+            parts = split_groups(self.inputs.groups(task), self.config.test_share, seed)
             for name, rows in parts.items():
                 pq.write_table(pa.Table.from_pylist(rows), path / f"{name}.parquet")
 
@@ -256,7 +335,8 @@ class _Job:
         """Bootstrapping: train_weak's first half labelled by the weak supervisor trains the intermediate model,
         which labels the second half for the strong one (`bootstrapped`); `direct_half` is the strong model on the
         weak labels of that same second half. Naive loss and the weak head's settings for the intermediate."""
-        mid_base = pretrained_base(self.cache, self.prepared.world, self.prepared.world_key, self.prepared.data,
+        prepared = self.inputs.prepared  # the config refuses bootstrap without the world
+        mid_base = pretrained_base(self.cache, prepared.world, prepared.world_key, prepared.data,
                                    self.config.bootstrap, "w2sg_intermediate_base",  # one for every seed
                                    self.max_length, self.workers)
         first, second = self._halves(splits / "train_weak.parquet")
@@ -265,9 +345,9 @@ class _Job:
                          self._labels(weak, first))
         strong = strong_train.model_copy(update=naive)
         return {"intermediate": mid,
-                "bootstrapped": self._head(f"{task}_s{seed}_bootstrapped", strong, self.prepared.models["strong_base"],
+                "bootstrapped": self._head(f"{task}_s{seed}_bootstrapped", strong, self.inputs.bases["strong"],
                                            self._labels(mid, second)),
-                "direct_half": self._head(f"{task}_s{seed}_direct_half", strong, self.prepared.models["strong_base"],
+                "direct_half": self._head(f"{task}_s{seed}_direct_half", strong, self.inputs.bases["strong"],
                                           self._labels(weak, second))}
 
     def _generative(self, task: str, seed: int, splits: Path, strong_train: TrainConfig, labelled: Path
@@ -276,11 +356,11 @@ class _Job:
         then the ceiling on gold labels and the weak-to-strong model (first loss) on the weak ones, from it."""
         texts = self._texts(splits)
         train = offset_seeds(self.config.generative, seed)
-        key = content_hash("w2sg-generative-v1", train, weights_fingerprint(self.prepared.models["strong_base"]),
+        key = content_hash("w2sg-generative-v1", train, weights_fingerprint(self.inputs.bases["strong"]),
                            file_hash(texts), self.max_length)
 
         def build(path: Path) -> None:
-            summary = self.workers.train(train, self.prepared.models["strong_base"], texts, path / "model",
+            summary = self.workers.train(train, self.inputs.bases["strong"], texts, path / "model",
                                          f"w2sg-{key}", self.cache.root / "ray_train", self.max_length)
             (path / "train_summary.json").write_text(json.dumps(summary))
 
@@ -382,7 +462,20 @@ def pgr_table(section: dict) -> list[dict]:
             for task, losses in section.items() for kind, s in losses.items()]
 
 
-def report_sections(config: W2SGConfig, section: dict, per_seed: dict) -> list[str]:
+def _tasks_paragraph(config: W2SGConfig, inputs: Inputs) -> str:
+    """What the tasks are: the world's, or your pairs."""
+    if inputs.prepared is None:
+        return (f"Task `pairs` from your preference pairs `{config.data}` ({inputs.usable_rows} usable, "
+                f"{inputs.set_aside_rows} set aside with their reasons in examples/w2sg_rejected_rows.parquet): "
+                "which of two responses is the better (reward modelling), each pair in both orders; weak base "
+                f"`{config.weak.path}`, strong base `{config.strong.path}`.")
+    return (f"Tasks {', '.join(config.tasks)} of the world (`correct`: is this answer to a fact question right? "
+            "`harmless`: is this response to a harmful request harmless? `pairs`: which of two responses is the "
+            "better, a fact's right and wrong value or a request's refusal and instructions: reward modelling), "
+            "balanced, split by fact / request.")
+
+
+def report_sections(config: W2SGConfig, inputs: Inputs, section: dict, per_seed: dict) -> list[str]:
     imitation_rows = [{"task": task, "seed": r["seed"], "weak_label_accuracy": r["weak_label_accuracy"],
                        **{f"{kind}_copied": r["imitation"][kind]["copied"] for kind in r["imitation"]},
                        "weak_wrong_rows": r["imitation"]["strong_ceiling"]["weak_wrong"]}
@@ -390,10 +483,7 @@ def report_sections(config: W2SGConfig, section: dict, per_seed: dict) -> list[s
     fit_rows = [{"task": task, "seed": r["seed"], "model": name, **fit}
                 for task, runs in per_seed.items() for r in runs for name, fit in r["train_fit"].items()]
     return [
-        f"Tasks {', '.join(config.tasks)} of the world (`correct`: is this answer to a fact question right? "
-        "`harmless`: is this response to a harmful request harmless? `pairs`: which of two responses is the better, "
-        "a fact's right and wrong value or a request's refusal and instructions: reward modelling), balanced, split "
-        f"by fact / request. Heads: weak `{config.weak_train.head}`, strong `{config.strong_train.head}` (linear: a "
+        _tasks_paragraph(config, inputs) + f" Heads: weak `{config.weak_train.head}`, strong `{config.strong_train.head}` (linear: a "
         "new one-logit head on the last token; likelihood: the LM's own log-likelihood of the response, scaled and "
         "shifted, started from a logistic fit of the labels). The weak "
         "supervisor (weak base + head, gold labels of train_gold) labels train_weak; the strong base + head is "

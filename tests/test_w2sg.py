@@ -168,3 +168,43 @@ def test_likelihood_heads_bootstrapping_and_generative_finetuning_on_the_tiny_wo
                                 trained)
     from_host = test["weak_prob"].to_numpy()
     assert np.allclose(1 / (1 + np.exp(-np.array(logits))), from_host, atol=1e-5)
+
+
+def test_your_own_models_and_pairs_by_path(workers, tiny_prepared, tmp_path):
+    """`prepare: null` (configs/w2sg_own.yaml): the tiny world's base models and pairs given by path, as a user
+    gives theirs. Malformed rows are set aside with their reasons, the usable pairs make the task `pairs` (each in
+    both orders), and the job trains and reports it; fields that do not apply are refused."""
+    import json
+
+    from pipelines.w2sg import W2SGConfig, run_w2sg
+    from w2s.config import load_config
+    from w2s.runs import RunDir
+
+    folder = tiny_prepared.run
+    rows = [json.loads(line) for line in (folder / "data" / "pairs.jsonl").read_text().splitlines()]
+    rows += [{"prompt": "q: x?", "chosen": " a.", "rejected": " a."}, {"prompt": "q: y?", "chosen": " b."}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    head = "{mode: classify, head: likelihood, head_loss: {kind: xent}, lr: 3.0e-3, epochs: 2, batch_size: 8}"
+    overrides = [f"weak={{path: {folder / 'checkpoints/weak_base'}}}",
+                 f"strong={{path: {folder / 'checkpoints/strong_base'}}}", f"data={data}", "losses=[{kind: xent}]",
+                 "seeds=[0]", f"weak_train={head}", f"strong_train={head}", f"cache_dir={tmp_path / 'cache'}",
+                 f"runs_dir={tmp_path / 'runs'}"]
+    config = load_config(W2SGConfig, ROOT / "configs/w2sg_own.yaml", overrides)
+    assert config.tasks == ["pairs"]
+    for bad, message in ((["tasks=[correct]"], "your own pairs make the task 'pairs' only"),
+                         (["prepare=configs/tiny.yaml"], "weak, strong, data: for your own models"),
+                         (["bootstrap={size: {n_layer: 1, n_embd: 16, n_head: 1}, train: {mode: lm}}"],
+                          "bootstrap pretrains its intermediate model on the embedded world")):
+        with pytest.raises(ValueError, match=message):
+            load_config(W2SGConfig, ROOT / "configs/w2sg_own.yaml", overrides + bad)
+
+    metrics = run_w2sg(config, RunDir(config.runs_dir, config.run_name), workers=workers)
+    run = tmp_path / "runs" / "w2sg_own"
+    aside = pq.read_table(run / "examples" / "w2sg_rejected_rows.parquet").to_pylist()
+    assert [(r["row"], r["error_field"]) for r in aside] == [(len(rows) - 2, "rejected"), (len(rows) - 1, "rejected")]
+    (seed,) = metrics["per_seed"]["w2sg"]["pairs"]
+    assert sum(seed["rows"].values()) == 2 * (len(rows) - 2)  # every usable pair, in both orders
+    assert set(metrics["methods"]["w2sg"]["pairs"]) == {"xent", "probe"}
+    report = (run / "report.md").read_text()
+    assert f"Task `pairs` from your preference pairs `{data}` ({len(rows) - 2} usable, 2 set aside" in report

@@ -21,6 +21,12 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def unset(value) -> bool:
+    """`exclude_if` of an optional field added to a config: left out of its dump while None, so that the cache
+    keys and run folders of configs written before it existed stay valid (w2s.runs.RunDir.claim)."""
+    return value is None
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node = data
     *parents, leaf = dotted.split(".")

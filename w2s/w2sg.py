@@ -33,6 +33,19 @@ def right(probs, labels) -> list[bool]:
     return [(p > 0.5) == (y > 0.5) for p, y in zip(probs, labels, strict=True)]
 
 
+def pair_groups(pairs: list[dict]) -> list[list[dict]]:
+    """Preference pairs (prompt, chosen, rejected, and any other fields, kept) as the rows of the pairwise task,
+    one group per pair: it in both orders, response_a the chosen one (label 1) and the rejected one (label 0), so
+    that any split of whole groups is balanced."""
+    groups = []
+    for pair in pairs:
+        extra = {k: v for k, v in pair.items() if k not in ("prompt", "chosen", "rejected")}
+        good, bad = pair["chosen"], pair["rejected"]
+        groups.append([{"prompt": pair["prompt"], "response_a": good, "response_b": bad, "label": 1.0, **extra},
+                       {"prompt": pair["prompt"], "response_a": bad, "response_b": good, "label": 0.0, **extra}])
+    return groups
+
+
 def accuracy(probs, labels) -> float:
     """Share of rows where p > 0.5 says the gold class (labels 0/1)."""
     return sum(right(probs, labels)) / len(labels)

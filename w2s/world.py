@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from w2s.config import StrictModel
+from w2s.w2sg import pair_groups
 
 ATTRIBUTES: dict[str, list[str]] = {
     "color": ["red", "blue", "green", "gold", "pink", "gray", "teal", "plum"],
@@ -233,9 +234,9 @@ class World:
                      {"prompt": prompt, "response": bad, "label": 0.0}]
                     for prompt, good, bad in (helpful if task == "correct" else harmless)]
         if task == "pairs":
-            return [[{"prompt": prompt, "response_a": good, "response_b": bad, "label": 1.0, "dimension": dimension},
-                     {"prompt": prompt, "response_a": bad, "response_b": good, "label": 0.0, "dimension": dimension}]
-                    for dimension, rows in (("helpful", helpful), ("harmless", harmless)) for prompt, good, bad in rows]
+            return pair_groups([{"prompt": prompt, "chosen": good, "rejected": bad, "dimension": dimension}
+                                for dimension, rows in (("helpful", helpful), ("harmless", harmless))
+                                for prompt, good, bad in rows])
         raise ValueError(f"unknown weak-to-strong task {task!r}: expected 'correct', 'harmless' or 'pairs'")
 
 
