@@ -562,8 +562,10 @@ def _evaluate(config: MACPOConfig, prepared, baselines: dict[str, ModelSpec], ag
     transfer = [knowledge_transfer(generations, name) for name in (*baselines, f"student_r{config.rounds}")]
     section = {"rounds": rounds, "teachers": teachers, "set_aside_pairs": set_aside, "pairs_gold_reward": pair_gold,
                "knowledge": knowledge, "transfer": transfer}
-    metrics = run.update_metrics({"models": {n: scores[n] for n in references},
-                                  "methods": {"macpo": section, **{n: with_pgr(scores[n]) for n in baselines}}})
+    methods = {"macpo": section, **{n: with_pgr(scores[n]) for n in baselines}}
+    if "confident_sft" in baselines:
+        methods["confident_sft"]["label_is_own_argmax"] = _label_is_own_argmax(run)
+    metrics = run.update_metrics({"models": {n: scores[n] for n in references}, "methods": methods})
 
     plot_rounds(rounds, scores, run.path / "plots" / "macpo_rounds.png")
     plot_pairs_gold(pair_gold, run.path / "plots" / "macpo_pairs_gold.png")
@@ -578,6 +580,7 @@ def _evaluate(config: MACPOConfig, prepared, baselines: dict[str, ModelSpec], ag
         "the teachers' outputs). Gold reward on held-out prompts; PGR on total against weak aligned and strong "
         "ceiling.",
         markdown_table(refs),
+        *_confident_reading(methods),
         "Every round:\n\n" + markdown_table(table),
         "![rounds](plots/macpo_rounds.png)",
         "What the teachers know: the share of the held-out facts each teacher answers right after its "
@@ -599,6 +602,25 @@ def _evaluate(config: MACPOConfig, prepared, baselines: dict[str, ModelSpec], ag
                                                                   "strong_ceiling"]),
     ])
     return metrics
+
+
+def _label_is_own_argmax(run: RunDir) -> float:
+    """The confident-loss baseline's last training step: the share of response tokens where the weak label's
+    token was the student's own argmax (its hardened prediction)."""
+    summary = json.loads((run.path / "stages" / "confident_sft" / "train_summary.json").read_text())
+    return summary["last"]["label_is_own_argmax"]
+
+
+def _confident_reading(methods: dict) -> list[str]:
+    """What the confident-loss baseline could do, from its own training: the confidence term pulls toward the
+    student's argmax, which is the weak label wherever the two agree."""
+    if "confident_sft" not in methods:
+        return []
+    share = methods["confident_sft"]["label_is_own_argmax"]
+    return [f"The confident-loss baseline (`confident_sft`): at its last training step the weak label's token was "
+            f"the student's own argmax on {share:.1%} of the response tokens. There the confidence term's hardened "
+            "target is the weak label itself, and the loss is naive SFT's; it can keep the student's own answer "
+            f"against a weak label only on the other {1 - share:.1%}."]
 
 
 def teacher_knowledge(generations: pa.Table, teachers: list[str]) -> dict[str, float]:

@@ -146,6 +146,8 @@ def test_macpo_runs_across_two_nodes(uninterrupted):
     # the confident-loss baseline trained with its loss: the weight warmed up to 0.5 by the last step
     last = json.loads((uninterrupted / "stages/confident_sft/train_summary.json").read_text())["last"]
     assert last["aux_weight"] == 0.5 and 0 <= last["label_is_own_argmax"] <= 1, last
+    assert metrics["methods"]["confident_sft"]["label_is_own_argmax"] == last["label_is_own_argmax"]
+    assert "the student's own argmax on" in (uninterrupted / "report.md").read_text()
 
     nodes = metrics["methods"]["macpo"]["stage_nodes"]
     # every model host on a node of its own (a host node has one host_slot): the 4 weak-label generators, and
