@@ -280,17 +280,21 @@ class _Job:
         if train.head == "likelihood":
             init = self._likelihood_start(name, init, data)
         key = content_hash("w2sg-head-v1", train, weights_fingerprint(init), file_hash(data), self.max_length)
+        model = self._trained("w2sg_head", key, name, train, init, data)
+        self.run.link(f"checkpoints/w2sg_{name}", model)
+        if train.head == "likelihood":
+            self.started[model] = init
+        return model
 
+    def _trained(self, stage: str, key: str, name: str, train: TrainConfig, init: Path, data: Path) -> Path:
+        """`init` trained on `data` by the job's workers into `<stage>-<key>/model` (cached by content), its
+        train summary beside the model."""
         def build(path: Path) -> None:
             summary = self.workers.train(train, init, data, path / "model", f"w2sg-{key}", self.cache.root / "ray_train",
                                          self.max_length, tensorboard_dir=self.run.path / "tensorboard" / name)
             (path / "train_summary.json").write_text(json.dumps(summary))
 
-        path = self.cache.build("w2sg_head", key, build, lambda msg: _log(f"{name}: {msg}"))
-        self.run.link(f"checkpoints/w2sg_{name}", path / "model")
-        if train.head == "likelihood":
-            self.started[path / "model"] = init
-        return path / "model"
+        return self.cache.build(stage, key, build, lambda msg: _log(f"{name}: {msg}")) / "model"
 
     def _likelihood_start(self, name: str, init: Path, data: Path) -> Path:
         """`init` (its files linked) with the likelihood head that best fits `data`'s labels before any weight of
@@ -358,19 +362,14 @@ class _Job:
         train = offset_seeds(self.config.generative, seed)
         key = content_hash("w2sg-generative-v1", train, weights_fingerprint(self.inputs.bases["strong"]),
                            file_hash(texts), self.max_length)
-
-        def build(path: Path) -> None:
-            summary = self.workers.train(train, self.inputs.bases["strong"], texts, path / "model",
-                                         f"w2sg-{key}", self.cache.root / "ray_train", self.max_length)
-            (path / "train_summary.json").write_text(json.dumps(summary))
-
-        base = self.cache.build("w2sg_generative", key, build, lambda msg: _log(f"{task}_s{seed}_generative: {msg}"))
+        base = self._trained("w2sg_generative", key, f"{task}_s{seed}_generative", train,
+                             self.inputs.bases["strong"], texts)
         loss = self.config.losses[0]
-        return {GENERATIVE_CEILING: self._head(f"{task}_s{seed}_generative_ceiling", strong_train, base / "model",
+        return {GENERATIVE_CEILING: self._head(f"{task}_s{seed}_generative_ceiling", strong_train, base,
                                                splits / "train_weak.parquet"),
                 generative_kind(self.config): self._head(f"{task}_s{seed}_{generative_kind(self.config)}",
                                                          strong_train.model_copy(update={"head_loss": loss}),
-                                                         base / "model", labelled)}
+                                                         base, labelled)}
 
     def _texts(self, splits: Path) -> Path:
         """The task's training texts for the LM loss: prompt + response of every row of train_gold and train_weak
