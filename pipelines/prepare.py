@@ -112,6 +112,22 @@ def pretrained_base(cache: Cache, world: World, world_key: str, data: Path, stag
     return cache.build(name, key, build, _log) / "model"
 
 
+def world_data(cache: Cache, config: WorldConfig) -> tuple[World, str, Path]:
+    """The world, its content key and its data folder (corpus.parquet, pairs.jsonl: the gold preference pairs,
+    eval_prompts.parquet), written once per world."""
+    world = World(config)
+    world_key = content_hash("world-v2", config)
+
+    def build_data(path: Path) -> None:
+        pq.write_table(pa.table({"text": world.corpus()}), path / "corpus.parquet")
+        with open(path / "pairs.jsonl", "w") as f:
+            for row in world.preference_pairs():
+                f.write(json.dumps(row) + "\n")
+        pq.write_table(pa.Table.from_pylist([p.__dict__ for p in world.eval_prompts()]), path / "eval_prompts.parquet")
+
+    return world, world_key, cache.build("world", world_key, build_data, _log)
+
+
 @dataclass
 class Prepared:
     world: World
@@ -125,18 +141,8 @@ def prepare(config: PrepareConfig, run: RunDir | None = None, workers: Workers |
     `workers`: the calling job's hosts and training workers (None: started here for this call)."""
     max_length = max_length_of(config)
     cache = Cache(config.cache_dir)
-    world = World(config.world)
     storage = Path(config.cache_dir).resolve() / "ray_train"
-    world_key = content_hash("world-v2", config.world)
-
-    def build_data(path: Path) -> None:
-        pq.write_table(pa.table({"text": world.corpus()}), path / "corpus.parquet")
-        with open(path / "pairs.jsonl", "w") as f:
-            for row in world.preference_pairs():
-                f.write(json.dumps(row) + "\n")
-        pq.write_table(pa.Table.from_pylist([p.__dict__ for p in world.eval_prompts()]), path / "eval_prompts.parquet")
-
-    data = cache.build("world", world_key, build_data, _log)
+    world, world_key, data = world_data(cache, config.world)
     if run is not None:
         run.link("data", data)  # corpus, gold pairs and held-out prompts of this world
 

@@ -201,14 +201,130 @@ def _own_inputs(config: W2SGConfig, run: RunDir) -> Inputs:
                   file_hash(Path(config.data)), max_length, usable_rows=good.num_rows, set_aside_rows=bad.num_rows)
 
 
-class _Job:
+class HeadStages:
+    """The stages of a job that trains classification heads (this one, the deception analysis), each cached by
+    content: a task's splits, heads trained on the job's workers, a head's labels, predictions through the hosts."""
+
+    def __init__(self, cache: Cache, run: RunDir, workers: Workers, inputs: Inputs, test_share: float,
+                 score_batch_size: int, log: Callable[[str], None]):
+        self.cache, self.run, self.workers, self.inputs = cache, run, workers, inputs
+        self.test_share, self.score_batch_size, self.log = test_share, score_batch_size, log
+        self.max_length = inputs.max_length
+        self.started: dict[Path, Path] = {}  # a trained likelihood head -> the logistic fit it started from
+
+    def splits(self, task: str, seed: int) -> Path:
+        key = content_hash("w2sg-splits-v1", self.inputs.key, task, seed, self.test_share)
+
+        def build(path: Path) -> None:
+            parts = split_groups(self.inputs.groups(task), self.test_share, seed)
+            for name, rows in parts.items():
+                pq.write_table(pa.Table.from_pylist(rows), path / f"{name}.parquet")
+
+        return self.cache.build("w2sg_splits", key, build, self.log)
+
+    def fit(self, head: Path) -> dict:
+        """How well a head fit its own training labels: its last training batch's loss and agreement."""
+        last = json.loads((head.parent / "train_summary.json").read_text())["last"]
+        return {"last_batch_loss": last["loss"], "last_batch_label_agreement": last["label_agreement"]}
+
+    def head(self, name: str, train: TrainConfig, init: Path, data: Path) -> Path:
+        """A classification head on `init` trained on `data` (cached by content); a likelihood head starts from
+        the logistic regression of `data`'s labels on the init model's log-likelihoods (likelihood_start)."""
+        if train.head == "likelihood":
+            init = self.likelihood_start(name, init, data)
+        key = content_hash("w2sg-head-v1", train, weights_fingerprint(init), file_hash(data), self.max_length)
+        model = self.trained("w2sg_head", key, name, train, init, data)
+        self.run.link(f"checkpoints/w2sg_{name}", model)
+        if train.head == "likelihood":
+            self.started[model] = init
+        return model
+
+    def trained(self, stage: str, key: str, name: str, train: TrainConfig, init: Path, data: Path) -> Path:
+        """`init` trained on `data` by the job's workers into `<stage>-<key>/model` (cached by content), its
+        train summary beside the model."""
+        def build(path: Path) -> None:
+            summary = self.workers.train(train, init, data, path / "model", f"w2sg-{key}", self.cache.root / "ray_train",
+                                         self.max_length, tensorboard_dir=self.run.path / "tensorboard" / name)
+            (path / "train_summary.json").write_text(json.dumps(summary))
+
+        return self.cache.build(stage, key, build, lambda msg: self.log(f"{name}: {msg}")) / "model"
+
+    def likelihood_start(self, name: str, init: Path, data: Path) -> Path:
+        """`init` (its files linked) with the likelihood head that best fits `data`'s labels before any weight of
+        the LM changes: the logistic regression of the labels on the LM's log-likelihood of each row (linear
+        probing, then fine-tuning everything: a head that starts at random undoes what the LM knows first)."""
+        key = content_hash("w2sg-likelihood-start-v1", weights_fingerprint(init), file_hash(data))
+
+        def build(path: Path) -> None:
+            import numpy as np
+
+            table = pq.read_table(data)
+            (host,) = self.workers.host({"init": ModelSpec(path=str(init))}).values()
+            sums = [np.array([row.sum(dtype=np.float64) for row in score_responses(
+                        _one_side(table, side), {"init": host}, self.score_batch_size)["init_response_logps"]
+                        .to_numpy(zero_copy_only=False)]) for side in _sides(table)]
+            features = sums[0] - sums[1] if len(sums) == 2 else sums[0]  # a pair: its log-likelihood ratio
+            scale, bias = fit_logistic(features, table["label"].to_pylist())
+            model = path / "model"
+            model.mkdir()
+            for file in init.iterdir():
+                if file.is_file() and not file.name.startswith("."):
+                    (model / file.name).symlink_to(file.resolve())
+            (model / LIKELIHOOD_HEAD).write_text(json.dumps({"scale": scale, "bias": bias}))
+
+        return self.cache.build("w2sg_likelihood_start", key, build, lambda msg: self.log(f"{name} start: {msg}")) / "model"
+
+    def labels(self, model: Path, data: Path) -> Path:
+        """`data` (gold labels) with `model`'s probability of class 1 as its label, the gold one set apart as
+        `gold_label` (cached by content)."""
+        key = content_hash("w2sg-weak-labels-v1", weights_fingerprint(model), file_hash(data))
+
+        def build(path: Path) -> None:
+            table = pq.read_table(data)
+            (probs,) = self.predict(table, {"labeller": model}).values()
+            table = table.rename_columns(["gold_label" if c == "label" else c for c in table.column_names])
+            pq.write_table(table.append_column("label", pa.array(probs, pa.float64())), path / "train_weak_labels.parquet")
+
+        return self.cache.build("w2sg_weak_labels", key, build, self.log) / "train_weak_labels.parquet"
+
+    def halves(self, data: Path) -> tuple[Path, Path]:
+        """`data`'s rows in two halves, whole groups each (a group is two consecutive rows, one of each class)."""
+        key = content_hash("w2sg-halves-v1", file_hash(data))
+
+        def build(path: Path) -> None:
+            table = pq.read_table(data)
+            cut = table.num_rows // 4 * 2
+            pq.write_table(table.slice(0, cut), path / "first.parquet")
+            pq.write_table(table.slice(cut), path / "second.parquet")
+
+        path = self.cache.build("w2sg_halves", key, build, self.log)
+        return path / "first.parquet", path / "second.parquet"
+
+    def predict(self, table: pa.Table, heads: dict[str, Path]) -> dict[str, list[float]]:
+        """Each head's probability of class 1 on every row (of a pair: that response_a is the better, from the
+        difference of its two scores), the heads streamed through the job's hosts."""
+        import torch
+
+        names, out = list(heads), {}
+        for i in range(0, len(names), self.workers.hosts.max_hosts):
+            hosts = self.workers.host({n: ModelSpec(path=str(heads[n]), task=classifier_task(heads[n]))
+                                       for n in names[i:i + self.workers.hosts.max_hosts]})
+            scored = [reward_responses(_one_side(table, side), hosts, self.score_batch_size)
+                      for side in _sides(table)]
+            for n in hosts:
+                logits = [torch.from_numpy(s[f"{n}_reward"].to_numpy().astype("float64")) for s in scored]
+                # torch's sigmoid: math.exp(-z) overflows for a logit below -709
+                out[n] = torch.sigmoid(logits[0] - logits[1] if len(logits) == 2 else logits[0]).tolist()
+        return out
+
+
+class _Job(HeadStages):
     """One job's world, hosts, workers and cache: the stages of one (task, seed)."""
 
     def __init__(self, config: W2SGConfig, inputs: Inputs, run: RunDir, workers: Workers):
-        self.config, self.inputs, self.run, self.workers = config, inputs, run, workers
-        self.max_length = inputs.max_length
-        self.cache = Cache(config.cache_dir)
-        self.started: dict[Path, Path] = {}  # a trained likelihood head -> the logistic fit it started from
+        super().__init__(Cache(config.cache_dir), run, workers, inputs, config.test_share, config.score_batch_size,
+                         _log)
+        self.config = config
         # the world's entities in thirds by how often the corpus writes of them (none for your own rows)
         ranked = inputs.prepared.world.popularity(0) if inputs.prepared else []
         self.band_of = {name: POPULARITY_BANDS[3 * rank // len(ranked)] for rank, name in enumerate(ranked)}
@@ -216,17 +332,17 @@ class _Job:
     def one_seed(self, task: str, seed: int) -> dict:
         """The weak supervisor, its labels, the ceiling and a weak-to-strong model per loss; their test accuracy."""
         _log(f"task {task!r}, seed {seed}")
-        splits = self._splits(task, seed)
+        splits = self.splits(task, seed)
         bases = self.inputs.bases
         mode = {"mode": "compare" if task in PAIRWISE else "classify"}  # one response's class, or which of two
         weak_train, strong_train = (offset_seeds(c, seed).model_copy(update=mode)
                                     for c in (self.config.weak_train, self.config.strong_train))
-        weak = self._head(f"{task}_s{seed}_weak", weak_train, bases["weak"], splits / "train_gold.parquet")
-        labelled = self._labels(weak, splits / "train_weak.parquet")  # the weak labels
-        heads = {"strong_ceiling": self._head(f"{task}_s{seed}_ceiling", strong_train, bases["strong"],
+        weak = self.head(f"{task}_s{seed}_weak", weak_train, bases["weak"], splits / "train_gold.parquet")
+        labelled = self.labels(weak, splits / "train_weak.parquet")  # the weak labels
+        heads = {"strong_ceiling": self.head(f"{task}_s{seed}_ceiling", strong_train, bases["strong"],
                                               splits / "train_weak.parquet")}
         for loss in self.config.losses:
-            heads[loss.kind] = self._head(f"{task}_s{seed}_{loss.kind}", strong_train.model_copy(update={"head_loss": loss}),
+            heads[loss.kind] = self.head(f"{task}_s{seed}_{loss.kind}", strong_train.model_copy(update={"head_loss": loss}),
                                           bases["strong"], labelled)
         if self.config.bootstrap:
             heads.update(self._bootstrap(task, seed, weak, splits, weak_train, strong_train))
@@ -235,7 +351,7 @@ class _Job:
         models = {"weak": weak, **heads}
         starts = {f"{name}_start": self.started[path] for name, path in models.items() if path in self.started}
         test = pq.read_table(splits / "test.parquet")
-        probs = self._predict(test, {**models, **starts})
+        probs = self.predict(test, {**models, **starts})
         for name, p in probs.items():  # every model's probability of class 1, row by row
             test = test.append_column(f"{name}_prob", pa.array(p, pa.float32()))
         self.run.write_examples(f"w2sg_{task}_s{seed}_test", test)
@@ -259,81 +375,6 @@ class _Job:
                 "by_popularity": accuracy_by_band(test.to_pylist(), {n: probs[n] for n in ["weak", *students]},
                                                   self.band_of)}
 
-    def _splits(self, task: str, seed: int) -> Path:
-        key = content_hash("w2sg-splits-v1", self.inputs.key, task, seed, self.config.test_share)
-
-        def build(path: Path) -> None:
-            parts = split_groups(self.inputs.groups(task), self.config.test_share, seed)
-            for name, rows in parts.items():
-                pq.write_table(pa.Table.from_pylist(rows), path / f"{name}.parquet")
-
-        return self.cache.build("w2sg_splits", key, build, _log)
-
-    def fit(self, head: Path) -> dict:
-        """How well a head fit its own training labels: its last training batch's loss and agreement."""
-        last = json.loads((head.parent / "train_summary.json").read_text())["last"]
-        return {"last_batch_loss": last["loss"], "last_batch_label_agreement": last["label_agreement"]}
-
-    def _head(self, name: str, train: TrainConfig, init: Path, data: Path) -> Path:
-        """A classification head on `init` trained on `data` (cached by content); a likelihood head starts from
-        the logistic regression of `data`'s labels on the init model's log-likelihoods (_likelihood_start)."""
-        if train.head == "likelihood":
-            init = self._likelihood_start(name, init, data)
-        key = content_hash("w2sg-head-v1", train, weights_fingerprint(init), file_hash(data), self.max_length)
-        model = self._trained("w2sg_head", key, name, train, init, data)
-        self.run.link(f"checkpoints/w2sg_{name}", model)
-        if train.head == "likelihood":
-            self.started[model] = init
-        return model
-
-    def _trained(self, stage: str, key: str, name: str, train: TrainConfig, init: Path, data: Path) -> Path:
-        """`init` trained on `data` by the job's workers into `<stage>-<key>/model` (cached by content), its
-        train summary beside the model."""
-        def build(path: Path) -> None:
-            summary = self.workers.train(train, init, data, path / "model", f"w2sg-{key}", self.cache.root / "ray_train",
-                                         self.max_length, tensorboard_dir=self.run.path / "tensorboard" / name)
-            (path / "train_summary.json").write_text(json.dumps(summary))
-
-        return self.cache.build(stage, key, build, lambda msg: _log(f"{name}: {msg}")) / "model"
-
-    def _likelihood_start(self, name: str, init: Path, data: Path) -> Path:
-        """`init` (its files linked) with the likelihood head that best fits `data`'s labels before any weight of
-        the LM changes: the logistic regression of the labels on the LM's log-likelihood of each row (linear
-        probing, then fine-tuning everything: a head that starts at random undoes what the LM knows first)."""
-        key = content_hash("w2sg-likelihood-start-v1", weights_fingerprint(init), file_hash(data))
-
-        def build(path: Path) -> None:
-            import numpy as np
-
-            table = pq.read_table(data)
-            (host,) = self.workers.host({"init": ModelSpec(path=str(init))}).values()
-            sums = [np.array([row.sum(dtype=np.float64) for row in score_responses(
-                        _one_side(table, side), {"init": host}, self.config.score_batch_size)["init_response_logps"]
-                        .to_numpy(zero_copy_only=False)]) for side in _sides(table)]
-            features = sums[0] - sums[1] if len(sums) == 2 else sums[0]  # a pair: its log-likelihood ratio
-            scale, bias = fit_logistic(features, table["label"].to_pylist())
-            model = path / "model"
-            model.mkdir()
-            for file in init.iterdir():
-                if file.is_file() and not file.name.startswith("."):
-                    (model / file.name).symlink_to(file.resolve())
-            (model / LIKELIHOOD_HEAD).write_text(json.dumps({"scale": scale, "bias": bias}))
-
-        return self.cache.build("w2sg_likelihood_start", key, build, lambda msg: _log(f"{name} start: {msg}")) / "model"
-
-    def _labels(self, model: Path, data: Path) -> Path:
-        """`data` (gold labels) with `model`'s probability of class 1 as its label, the gold one set apart as
-        `gold_label` (cached by content)."""
-        key = content_hash("w2sg-weak-labels-v1", weights_fingerprint(model), file_hash(data))
-
-        def build(path: Path) -> None:
-            table = pq.read_table(data)
-            (probs,) = self._predict(table, {"labeller": model}).values()
-            table = table.rename_columns(["gold_label" if c == "label" else c for c in table.column_names])
-            pq.write_table(table.append_column("label", pa.array(probs, pa.float64())), path / "train_weak_labels.parquet")
-
-        return self.cache.build("w2sg_weak_labels", key, build, _log) / "train_weak_labels.parquet"
-
     def _bootstrap(self, task: str, seed: int, weak: Path, splits: Path, weak_train: TrainConfig,
                    strong_train: TrainConfig) -> dict[str, Path]:
         """Bootstrapping: train_weak's first half labelled by the weak supervisor trains the intermediate model,
@@ -343,16 +384,16 @@ class _Job:
         mid_base = pretrained_base(self.cache, prepared.world, prepared.world_key, prepared.data,
                                    self.config.bootstrap, "w2sg_intermediate_base",  # one for every seed
                                    self.max_length, self.workers)
-        first, second = self._halves(splits / "train_weak.parquet")
+        first, second = self.halves(splits / "train_weak.parquet")
         naive = {"head_loss": NaiveLoss()}
-        mid = self._head(f"{task}_s{seed}_intermediate", weak_train.model_copy(update=naive), mid_base,
-                         self._labels(weak, first))
+        mid = self.head(f"{task}_s{seed}_intermediate", weak_train.model_copy(update=naive), mid_base,
+                         self.labels(weak, first))
         strong = strong_train.model_copy(update=naive)
         return {"intermediate": mid,
-                "bootstrapped": self._head(f"{task}_s{seed}_bootstrapped", strong, self.inputs.bases["strong"],
-                                           self._labels(mid, second)),
-                "direct_half": self._head(f"{task}_s{seed}_direct_half", strong, self.inputs.bases["strong"],
-                                          self._labels(weak, second))}
+                "bootstrapped": self.head(f"{task}_s{seed}_bootstrapped", strong, self.inputs.bases["strong"],
+                                           self.labels(mid, second)),
+                "direct_half": self.head(f"{task}_s{seed}_direct_half", strong, self.inputs.bases["strong"],
+                                          self.labels(weak, second))}
 
     def _generative(self, task: str, seed: int, splits: Path, strong_train: TrainConfig, labelled: Path
                     ) -> dict[str, Path]:
@@ -362,12 +403,12 @@ class _Job:
         train = offset_seeds(self.config.generative, seed)
         key = content_hash("w2sg-generative-v1", train, weights_fingerprint(self.inputs.bases["strong"]),
                            file_hash(texts), self.max_length)
-        base = self._trained("w2sg_generative", key, f"{task}_s{seed}_generative", train,
+        base = self.trained("w2sg_generative", key, f"{task}_s{seed}_generative", train,
                              self.inputs.bases["strong"], texts)
         loss = self.config.losses[0]
-        return {GENERATIVE_CEILING: self._head(f"{task}_s{seed}_generative_ceiling", strong_train, base,
+        return {GENERATIVE_CEILING: self.head(f"{task}_s{seed}_generative_ceiling", strong_train, base,
                                                splits / "train_weak.parquet"),
-                generative_kind(self.config): self._head(f"{task}_s{seed}_{generative_kind(self.config)}",
+                generative_kind(self.config): self.head(f"{task}_s{seed}_{generative_kind(self.config)}",
                                                          strong_train.model_copy(update={"head_loss": loss}),
                                                          base, labelled)}
 
@@ -385,36 +426,6 @@ class _Job:
             pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), path / "texts.parquet")
 
         return self.cache.build("w2sg_texts", key, build, _log) / "texts.parquet"
-
-    def _halves(self, data: Path) -> tuple[Path, Path]:
-        """`data`'s rows in two halves, whole groups each (a group is two consecutive rows, one of each class)."""
-        key = content_hash("w2sg-halves-v1", file_hash(data))
-
-        def build(path: Path) -> None:
-            table = pq.read_table(data)
-            cut = table.num_rows // 4 * 2
-            pq.write_table(table.slice(0, cut), path / "first.parquet")
-            pq.write_table(table.slice(cut), path / "second.parquet")
-
-        path = self.cache.build("w2sg_halves", key, build, _log)
-        return path / "first.parquet", path / "second.parquet"
-
-    def _predict(self, table: pa.Table, heads: dict[str, Path]) -> dict[str, list[float]]:
-        """Each head's probability of class 1 on every row (of a pair: that response_a is the better, from the
-        difference of its two scores), the heads streamed through the job's hosts."""
-        import torch
-
-        names, out = list(heads), {}
-        for i in range(0, len(names), self.workers.hosts.max_hosts):
-            hosts = self.workers.host({n: ModelSpec(path=str(heads[n]), task=classifier_task(heads[n]))
-                                       for n in names[i:i + self.workers.hosts.max_hosts]})
-            scored = [reward_responses(_one_side(table, side), hosts, self.config.score_batch_size)
-                      for side in _sides(table)]
-            for n in hosts:
-                logits = [torch.from_numpy(s[f"{n}_reward"].to_numpy().astype("float64")) for s in scored]
-                # torch's sigmoid: math.exp(-z) overflows for a logit below -709
-                out[n] = torch.sigmoid(logits[0] - logits[1] if len(logits) == 2 else logits[0]).tolist()
-        return out
 
 
 def _sides(table: pa.Table) -> tuple[str, ...]:
