@@ -85,7 +85,18 @@ class ProductLoss(StrictModel):
     strong_power: float = Field(1.0, ge=0)
 
 
-HeadLoss = Annotated[NaiveLoss | ConfidenceLoss | ProductLoss, Field(discriminator="kind")]
+class ConflictLoss(StrictModel):
+    """The deception analysis's explicit conflict (ALGORITHMS.md section 5): CE(p, y) + alpha x 1[the model already
+    predicts `toward`] x CE(p, toward): a reward for the conflicting behaviour where the model shows it already
+    (w2s.losses.w2sg_loss)."""
+
+    kind: Literal["conflict"] = "conflict"
+    alpha: float = Field(0.5, ge=0, description="the conflicting objective's weight (the paper: 0.5)")
+    toward: Literal[0, 1] = Field(1, description="the conflicting behaviour's class (the allergy task: 1, granting "
+                                  "the request judged harmless, as helpfulness data would have it)")
+
+
+HeadLoss = Annotated[NaiveLoss | ConfidenceLoss | ProductLoss | ConflictLoss, Field(discriminator="kind")]
 # a one-logit head on the backbone: classify reads it on one response, compare on two (the first's score minus the
 # second's: a Bradley-Terry reward model); saved as an AutoModelForSequenceClassification (or a likelihood classifier)
 HEAD_MODES = ("classify", "compare")
@@ -145,7 +156,7 @@ class TrainConfig(StrictModel):
             raise ValueError("confidence applies to mode 'sft' only (a head's confidence loss is head_loss)")
         if self.mode in HEAD_MODES:
             if self.head_loss is None:
-                raise ValueError(f"mode {self.mode!r} needs head_loss: {{kind: xent | confidence | product}}")
+                raise ValueError(f"mode {self.mode!r} needs head_loss: {{kind: xent | confidence | product | conflict}}")
             if self.lora is not None:
                 raise ValueError(f"lora applies to the generative modes, not to {self.mode!r}")
             for field, applies_to in (("loss", "dpo"), ("beta", "dpo"), ("gamma", "wspo")):

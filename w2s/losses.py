@@ -80,7 +80,7 @@ def wspo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, weak_aligned_
 # A head gives one logit z per example: p = sigmoid(z) is the probability of class 1 (for a pairwise reward head,
 # z = r(a) - r(b), the Bradley-Terry probability that a is the better response). With two-class logits [0, z],
 # the official code's softmax cross-entropy against soft targets is exactly binary cross-entropy on z.
-W2SG_LOSSES = ("xent", "confidence", "product")
+W2SG_LOSSES = ("xent", "confidence", "product", "conflict")
 
 
 def confidence_weight(step_frac: float, aux_weight: float, warmup_frac: float) -> float:
@@ -102,12 +102,15 @@ def harden_by_balance(probs: torch.Tensor, weak_labels: torch.Tensor) -> torch.T
 
 
 def w2sg_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, step_frac: float = 1.0, aux_weight: float = 0.5,
-              warmup_frac: float = 0.1, weak_power: float = 1.0, strong_power: float = 1.0) -> torch.Tensor:
+              warmup_frac: float = 0.1, weak_power: float = 1.0, strong_power: float = 1.0, alpha: float = 0.5,
+              toward: int = 1) -> torch.Tensor:
     """Per-example loss [B] of a head's logits [B] against soft labels [B] in [0, 1] (weak labels, or gold 0/1).
 
     xent:       CE(p, y)                                            naive training on weak labels
     confidence: (1 - a) CE(p, y) + a CE(p, hard(p)), a = confidence_weight(step_frac, ...), hard = harden_by_balance
     product:    CE(p, t), t proportional to p^strong_power * y^weak_power per class, t detached (official repo)
+    conflict:   CE(p, y) + alpha * 1[p on the side of `toward`] * CE(p, toward): the deception analysis's explicit
+                conflict, the conflicting behaviour rewarded where the model already predicts it
     """
     logits, labels = logits.float(), labels.float()
     if kind == "xent":
@@ -120,6 +123,11 @@ def w2sg_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, step_frac: 
         one = p.pow(strong_power) * labels.pow(weak_power)
         zero = (1 - p).pow(strong_power) * (1 - labels).pow(weak_power)
         target = one / (one + zero).clamp(min=1e-12)
+    elif kind == "conflict":
+        opposite = torch.full_like(logits, float(toward))
+        gate = ((logits.detach() > 0) == bool(toward)).to(logits.dtype)
+        return (F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+                + alpha * gate * F.binary_cross_entropy_with_logits(logits, opposite, reduction="none"))
     else:
         raise ValueError(f"w2sg loss {kind!r}: expected one of {W2SG_LOSSES}")
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
