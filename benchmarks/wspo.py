@@ -314,7 +314,8 @@ def print_result(result: dict) -> None:
     print(markdown_table([{"side": r["side"], "epochs": f"{r['epochs']:g}", "steps": r["steps"],
                            "scoring s": r["scoring_s"], "of which host start s": r["hosts_start_s"],
                            "train wall s": r["train_wall_s"], "loop s": r["loop_s"], "total s": r["total_s"],
-                           "final loss": f"{r['final_loss']:.5f}"} for r in result["runs"]], floatfmt=".1f"))
+                           "final loss": r["final_loss"]} for r in result["runs"]],
+                         floatfmt=[".1f"] * 8 + [".7f"]))  # the losses agree to float rounding: show the digits
     print()
     bounds = {b["epochs"]: b["flop_bound"] for b in result["flop_bound"]}
     print(markdown_table([{"epochs": f"{r['epochs']:g}", "official/pipeline total": r["total"],

@@ -186,5 +186,6 @@ def markdown_cell(text) -> str:
     return str(text).strip().replace("\n", "\\n").replace("|", "\\|")
 
 
-def markdown_table(rows: list[dict], floatfmt: str = ".3f") -> str:
+def markdown_table(rows: list[dict], floatfmt: str | list[str] = ".3f") -> str:
+    """A GitHub table of `rows` (`floatfmt`: one format, or one per column)."""
     return tabulate(rows, headers="keys", tablefmt="github", floatfmt=floatfmt)
