@@ -108,11 +108,12 @@ def plot_scores(scores: dict, path: Path, errors: dict | None = None) -> None:
 
 
 def plot_lines(xs: list | dict[str, list], series: dict[str, tuple], references: dict[str, tuple[float, str]],
-               xlabel: str, path: Path, log_x: bool = False, ylabel: str = "gold reward") -> None:
+               xlabel: str, path: Path, log_x: bool = False, ylabel: str = "gold reward",
+               ylim: tuple[float, float] | None = None) -> None:
     """Gold reward (or `ylabel`, on its own scale) against `xs`: one line per series `{label: (ys, matplotlib
     style[, standard deviations])}` (error bars when given), and a dotted horizontal line per reference model
     `{label: (score, colour)}`. `xs`: the x values every series shares (each one labelled), or each series' own,
-    `{label: xs}`."""
+    `{label: xs}`. `ylim`: the y range (a gold reward's is [0, 1]; a judge's score has a scale of its own)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,8 +133,8 @@ def plot_lines(xs: list | dict[str, list], series: dict[str, tuple], references:
         ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if ylabel == "gold reward":  # a share in [0, 1]; a judge's score has a scale of its own
-        ax.set_ylim(0, 1.05)
+    if ylim or ylabel == "gold reward":
+        ax.set_ylim(*(ylim or (0, 1.05)))
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
