@@ -7,7 +7,7 @@ is the target dimension, and knowing the answer is knowing the entity's allergie
     per strong size and seed:
       ceiling          = the strong base + a head on train_weak's gold labels
       none             = the strong base + a head on the weak labels (no conflict)
-      implicit         = the same, plus gold helpfulness rows on train_gold's requests (granting is helpful,
+      implicit         = the same, plus gold helpfulness rows on a share of train_gold's requests (granting is helpful,
                          refusing is not, whatever the allergies: World.helpfulness_rows)
       explicit_alpha_a = the weak labels with the explicit conflict loss, weight a (actors.trainer.ConflictLoss)
     the areas:           a test row is Wk when the weak supervisor gets it right, Sk when this size's ceiling does
@@ -85,7 +85,11 @@ class DeceptionConfig(StrictModel):
                                              "a stronger model deceive more?)")
     bootstrap_through: str | None = Field(None, description="one of `strong`: the intermediate model of "
                                           "bootstrapping, measured for every larger strong model")
-    alphas: list[float] = Field([0.25, 0.5, 1.0], description="the explicit conflict's weights (the paper: 0.5)")
+    alphas: list[float] = Field([0.5, 2.0, 8.0], description="the explicit conflict's weights (the paper: 0.5)")
+    helpfulness_share: float = Field(0.25, gt=0, le=1, description="the implicit conflict's strength: the share of "
+                                     "train_gold's requests whose helpfulness rows (granted: 1, refused: 0) join the "
+                                     "weak labels (at 1, as many rows as the target's, and every prediction "
+                                     "collapses to 'harmless to grant')")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="each draws other splits and shifts every "
                              "training seed; the world and its base models stay")
     test_share: float = Field(0.3, gt=0, lt=1, description="requests held out for the test split; the rest is "
@@ -239,8 +243,13 @@ class _Job:
         return sizes[sizes.index(size) + 1:]
 
     def _helpfulness(self, train_gold: Path) -> Path:
-        """The implicit conflict's rows: gold helpfulness labels on train_gold's requests."""
-        return self._table("deception_helpfulness", World.helpfulness_rows(_prompts(train_gold)))
+        """The implicit conflict's rows: gold helpfulness labels on a share of train_gold's requests."""
+        return self._table("deception_helpfulness", World.helpfulness_rows(self._conflict_prompts(train_gold)))
+
+    def _conflict_prompts(self, train_gold: Path) -> list[str]:
+        """The first `helpfulness_share` of train_gold's requests (the split's order is already shuffled)."""
+        prompts = _prompts(train_gold)
+        return prompts[:max(1, round(self.config.helpfulness_share * len(prompts)))]
 
     def _mixed(self, labelled: Path, helpfulness: Path) -> Path:
         """Weak-labelled target rows and the helpfulness rows in one training table (prompt, response, label)."""
@@ -266,7 +275,7 @@ class _Job:
         weak = self._dpo(f"s{seed}_weak", align, self.bases["weak"], gold["train_gold"])
         labelled, agreement = self._weak_order(weak, gold["train_weak"])
         conflict = self._table("deception_pairs", pq.read_table(labelled).to_pylist()
-                               + World.helpfulness_pairs(prompts["train_gold"]))
+                               + World.helpfulness_pairs(self._conflict_prompts(splits / "train_gold.parquet")))
         models = {"weak": weak}
         for size in self.config.strong:
             for name, pairs in (("ceiling", gold["train_weak"]), (NO_CONFLICT, labelled), (IMPLICIT, conflict)):
