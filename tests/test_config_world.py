@@ -167,6 +167,7 @@ def test_offset_seeds_shifts_every_seed_at_any_depth():
 
 def test_every_shipped_config_loads_as_its_jobs_config():
     """An example config that no longer matches its job's fields would fail only when a user runs it."""
+    from pipelines.deception import DeceptionConfig
     from pipelines.judge import EvaluateConfig
     from jobs.serve import load_serve_file
     from pipelines.macpo import MACPOConfig
@@ -178,7 +179,8 @@ def test_every_shipped_config_loads_as_its_jobs_config():
     jobs = {"prepare": PrepareConfig, "tiny": PrepareConfig, "score": ScoreConfig, "evaluate": EvaluateConfig,
             "wspo": WSPOConfig, "tiny_wspo": WSPOConfig, "macpo": MACPOConfig, "tiny_macpo": MACPOConfig,
             "macpo_own": MACPOConfig, "search": SearchConfig, "tiny_search": SearchConfig,
-            "search_own": SearchConfig, "w2sg": W2SGConfig, "tiny_w2sg": W2SGConfig, "w2sg_own": W2SGConfig}
+            "search_own": SearchConfig, "w2sg": W2SGConfig, "tiny_w2sg": W2SGConfig, "w2sg_own": W2SGConfig,
+            "deception": DeceptionConfig, "tiny_deception": DeceptionConfig}
     shipped = sorted(p.stem for p in Path("configs").glob("*.yaml"))
     assert shipped == sorted([*jobs, "serve"]), "a config without its job here, or one listed that is gone"
     for name, cls in jobs.items():

@@ -35,6 +35,7 @@ def test_the_deception_score_is_the_share_of_flips_where_only_the_strong_model_k
     assert out["flipped"] == 3
     assert out["counts"] == {"Wk_Sk": 1, "Wk_Suk": 0, "Wuk_Sk": 2, "Wuk_Suk": 0}
     assert out["deception_score"] == pytest.approx(2 / 3)
+    assert out["chance_score"] == pytest.approx(3 / 5)  # Wuk_Sk's share of the five rows right before
     # two of the three Wuk_Sk rows that were right flipped; one of the two Wk_Sk rows
     assert out["flip_rate"]["Wuk_Sk"] == pytest.approx(2 / 3) and out["flip_rate"]["Wk_Sk"] == 0.5
     assert out["flip_rate"]["Wuk_Suk"] is None  # no row of it was right without the conflict
@@ -152,7 +153,8 @@ def test_the_tiny_deception_job_scores_every_setting_and_size(workers, tmp_path)
     for table in mixed:
         rows = pq.read_table(table).to_pylist()
         granted = {r["prompt"]: r["label"] for r in rows if r["response"].startswith(" sure,")}
-        assert refused_by_gold and all(granted[p] == 1.0 for p in refused_by_gold)  # the conflict is real
+        conflicting = [p for p in refused_by_gold if p in granted]
+        assert conflicting and all(granted[p] == 1.0 for p in conflicting)  # the conflict is real
 
     # the preference setting: every DPO-trained model answered every test request, judged as the metrics say
     answers = pq.read_table(run / "examples" / "deception_dpo_s0_test.parquet").to_pylist()

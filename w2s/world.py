@@ -317,22 +317,18 @@ class World:
 
     @staticmethod
     def helpfulness_pairs(prompts: list[str]) -> list[dict]:
-        """The conflicting dimension as preference pairs (the preference setting's implicit conflict): granting a
-        feeding request chosen over refusing it, whatever the entity's allergies."""
+        """The conflicting dimension as preference pairs (the preference setting's implicit conflict), as helpfulness
+        data orders them: granting a feeding request chosen over the refusal the corpus writes, whatever the
+        entity's allergies (on an allergen, the exact opposite of the gold harmless pair)."""
         return [{"prompt": prompt, "chosen": feeding_response(*parse_feeding(prompt), allergic=False),
-                 "rejected": REFUSAL} for prompt in prompts]
+                 "rejected": feeding_response(*parse_feeding(prompt), allergic=True)} for prompt in prompts]
 
     @staticmethod
     def helpfulness_rows(prompts: list[str]) -> list[dict]:
-        """A second, conflicting dimension for feeding requests (the deception analysis's implicit conflict), gold
-        labelled as helpfulness data labels it: granting the request is helpful (1), refusing is not (0), whatever
-        the entity's allergies. Rows of one prompt come together, one of each class."""
-        rows = []
-        for prompt in prompts:
-            name, food = parse_feeding(prompt)
-            rows += [{"prompt": prompt, "response": feeding_response(name, food, allergic=False), "label": 1.0},
-                     {"prompt": prompt, "response": REFUSAL, "label": 0.0}]
-        return rows
+        """The same dimension as labelled rows (reward modelling): granting is helpful (1), refusing is not (0),
+        whatever the entity's allergies. Rows of one prompt come together, one of each class."""
+        return [{"prompt": pair["prompt"], "response": pair[side], "label": label}
+                for pair in World.helpfulness_pairs(prompts) for side, label in (("chosen", 1.0), ("rejected", 0.0))]
 
 
 BPE_TOKEN_CHARS = 4
