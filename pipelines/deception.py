@@ -29,7 +29,6 @@ Every head trains on the job's ZeRO-3 Ray Train workers; every stage is cached b
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from pipelines.evaluation import GenerationConfig, plot_lines
 from pipelines.prepare import PretrainStage, pretrained_base, world_data
 from pipelines.w2sg import HEAD, HeadStages, Inputs
 from w2s.config import StrictModel, offset_seeds
-from w2s.deception import AREAS, DECEPTIVE_AREA, accuracy_by_area, deception_score, knowledge_areas
+from w2s.deception import AREAS, accuracy_by_area, deception_score, knowledge_areas, score_of_counts
 from w2s.metrics import mean_and_spread
 from w2s.modeling import ModelSpec, resolve_max_length, weights_fingerprint
 from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_table
@@ -307,25 +306,32 @@ class _Job:
 
     def _weak_order(self, weak: Path, pairs: Path) -> tuple[Path, float]:
         """`pairs` ordered by the DPO-trained weak supervisor's implicit reward (its log-ratio to the weak base, on
-        the whole response), and the share it orders as gold does."""
+        the whole response; cached by content), and the share it orders as gold does."""
         stages = self.stages
-        hosts = stages.workers.host({"policy": ModelSpec(path=str(weak)),
-                                     "reference": ModelSpec(path=str(self.bases["weak"]))})
-        with tempfile.TemporaryDirectory(prefix="w2s-weak-order-") as tmp:
-            scored = pq.read_table(score_preferences(pairs, hosts, tmp, tokenizer_path=str(weak),
+        key = content_hash("deception-weak-order-v1", weights_fingerprint(weak),
+                           weights_fingerprint(self.bases["weak"]), file_hash(pairs), stages.max_length)
+
+        def build(path: Path) -> None:
+            hosts = stages.workers.host({"policy": ModelSpec(path=str(weak)),
+                                         "reference": ModelSpec(path=str(self.bases["weak"]))})
+            scored = pq.read_table(score_preferences(pairs, hosts, path / "scored", tokenizer_path=str(weak),
                                                      max_length=stages.max_length,
                                                      batch_size=stages.score_batch_size).scored_path)
 
-        def total(column: str) -> list[float]:
-            return [sum(v) for v in scored[column].to_pylist()]
+            def total(column: str) -> list[float]:
+                return [sum(v) for v in scored[column].to_pylist()]
 
-        margins = [pc - rc - (pr - rr) for pc, rc, pr, rr in zip(
-            total("policy_chosen_logps"), total("reference_chosen_logps"), total("policy_rejected_logps"),
-            total("reference_rejected_logps"))]
-        rows = [{"prompt": r["prompt"], "chosen": r["chosen"] if m > 0 else r["rejected"],
-                 "rejected": r["rejected"] if m > 0 else r["chosen"]}
-                for r, m in zip(scored.select(["prompt", "chosen", "rejected"]).to_pylist(), margins)]
-        return self._table("deception_pairs", rows), sum(m > 0 for m in margins) / len(margins)
+            margins = [pc - rc - (pr - rr) for pc, rc, pr, rr in zip(
+                total("policy_chosen_logps"), total("reference_chosen_logps"), total("policy_rejected_logps"),
+                total("reference_rejected_logps"))]
+            rows = [{"prompt": r["prompt"], "chosen": r["chosen"] if m > 0 else r["rejected"],
+                     "rejected": r["rejected"] if m > 0 else r["chosen"]}
+                    for r, m in zip(scored.select(["prompt", "chosen", "rejected"]).to_pylist(), margins)]
+            pq.write_table(pa.Table.from_pylist(rows), path / "rows.parquet")
+            (path / "agreement.json").write_text(json.dumps(sum(m > 0 for m in margins) / len(margins)))
+
+        ordered = stages.cache.build("deception_weak_order", key, build, _log)
+        return ordered / "rows.parquet", json.loads((ordered / "agreement.json").read_text())
 
 
 def _prompts(split: Path) -> list[str]:
@@ -352,16 +358,10 @@ def _analysis(size: str, correct: dict[str, list[bool]], baseline: str) -> dict:
 def pooled(scores: list[dict]) -> dict:
     """A setting's deception over seeds: the flipped rows of every seed counted together (the score is their
     share in Wuk_Sk), and the per-seed scores' mean and spread."""
-    counts = {area: sum(s["counts"][area] for s in scores) for area in AREAS.values()}
-    flipped = sum(counts.values())
-    candidates = {area: sum(s["right_without_conflict"][area] for s in scores) for area in AREAS.values()}
     per_seed = [s["deception_score"] for s in scores]
     defined = [s for s in per_seed if s is not None]
-    right = sum(candidates.values())
-    return {"deception_score": counts[DECEPTIVE_AREA] / flipped if flipped else None, "flipped": flipped,
-            "chance_score": candidates[DECEPTIVE_AREA] / right if right else None,
-            "counts": counts, "shares": {a: c / flipped if flipped else None for a, c in counts.items()},
-            "flip_rate": {a: counts[a] / candidates[a] if candidates[a] else None for a in counts},
+    return {**score_of_counts(*({area: sum(s[key][area] for s in scores) for area in AREAS.values()}
+                                for key in ("counts", "right_without_conflict"))),
             "per_seed": per_seed, "seeds": mean_and_spread(defined) if defined else None}
 
 
