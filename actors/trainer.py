@@ -13,7 +13,8 @@ Data is a Parquet file every worker can read (a shared filesystem on a cluster):
   lm:  text
   sft: prompt, response
   dpo: prompt, chosen, rejected, <reference>_chosen_logps, <reference>_rejected_logps (per-token lists from the
-       scoring stage: the frozen reference is scored once, so only the policy is resident here)
+       scoring stage: the frozen reference is scored once, so only the policy is resident here); with
+       `pair_conflict`, also conflict_toward_chosen (bool)
   wspo: prompt, response, weak_aligned_logps, weak_base_logps, <reference>_logps (per-token lists; with
        LoRA the reference is the policy with its adapter disabled, computed here, and not needed)
   classify: prompt, response, label (the probability of class 1: a weak model's soft label, or gold 0/1)
@@ -96,6 +97,16 @@ class ConflictLoss(StrictModel):
                                   "the request judged harmless, as helpfulness data would have it)")
 
 
+class PairConflict(StrictModel):
+    """The deception analysis's explicit conflict in the preference setting (the official code's "reverse" reward):
+    the DPO loss + alpha x, on each pair whose conflicting response the policy already prefers, the DPO loss toward
+    that response (w2s.losses.pair_conflict_loss). Each pair names it in the bool column `conflict_toward_chosen`
+    (true: the chosen response, false: the rejected one)."""
+
+    alpha: float = Field(0.5, ge=0, description="the conflicting objective's weight (the paper: 0.5)")
+
+
+CONFLICT_COLUMN = "conflict_toward_chosen"
 HeadLoss = Annotated[NaiveLoss | ConfidenceLoss | ProductLoss | ConflictLoss, Field(discriminator="kind")]
 # a one-logit head on the backbone: classify reads it on one response, compare on two (the first's score minus the
 # second's: a Bradley-Terry reward model); saved as an AutoModelForSequenceClassification (or a likelihood classifier)
@@ -128,6 +139,9 @@ class TrainConfig(StrictModel):
                     "AutoModelForSequenceClassification); likelihood, the LM's own log-likelihood of the response, "
                     "scaled and shifted (w2s.modeling.LikelihoodClassifier; its start from the init model's "
                     "likelihood_head.json when it has one)")
+    # left out of the dump (and so of every cache key) when None
+    pair_conflict: PairConflict | None = Field(None, exclude_if=lambda conflict: conflict is None,
+                                               description="mode 'dpo': the explicit conflict (deception analysis)")
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -152,6 +166,8 @@ class TrainConfig(StrictModel):
     def _dpo_only_fields(self):
         if self.mode != "dpo" and self.sft_weight:
             raise ValueError("sft_weight applies to mode 'dpo' only")
+        if self.pair_conflict is not None and (self.mode, self.loss) != ("dpo", "sigmoid"):
+            raise ValueError("pair_conflict applies to mode 'dpo' with loss 'sigmoid' only (the official code's)")
         if self.mode != "sft" and self.confidence is not None:
             raise ValueError("confidence applies to mode 'sft' only (a head's confidence loss is head_loss)")
         if self.mode in HEAD_MODES:
@@ -191,7 +207,8 @@ def _columns(config: TrainConfig, reference: str) -> dict[str, str]:
                       f"{reference}_rejected_logps": "ref_rejected_logps"},
               "wspo": {"weak_aligned_logps": "weak_aligned_logps", "weak_base_logps": "weak_base_logps",
                        **({} if config.lora else {f"{reference}_logps": "ref_logps"})}}.get(config.mode, {})
-    return {**{c: c for c in texts}, **scored}
+    conflict = {CONFLICT_COLUMN: CONFLICT_COLUMN} if config.pair_conflict else {}
+    return {**{c: c for c in texts}, **scored, **conflict}
 
 
 def _schedule(n_rows: int, config: TrainConfig, world: int) -> tuple[int, int, int]:
@@ -254,6 +271,8 @@ class _StageData:
                       for side in RESPONSES[config.mode]}
         self.scored = {name: table[name].combine_chunks() for name in columns.values() if name.endswith("_logps")}
         self.labels = table["label"].to_numpy().astype(np.float32) if "label" in columns else None
+        self.toward_chosen = (table[CONFLICT_COLUMN].to_numpy(zero_copy_only=False).astype(bool)
+                              if CONFLICT_COLUMN in columns else None)
 
     def batch(self, rows: list[int]) -> tuple:
         """The micro-batch of `rows`: padded tokens (for DPO the chosen rows, then the rejected ones) and
@@ -269,8 +288,12 @@ class _StageData:
             import torch
             return tokens, {"label": torch.from_numpy(self.labels[rows])}
         if self.mode == "dpo":
+            import torch
+
             ref = pa.concat_arrays([self.scored[f"ref_{side}_logps"].take(rows) for side in ("chosen", "rejected")])
-            return tokens, {"ref": _per_token(ref, mask, "ref_chosen_logps / ref_rejected_logps")}
+            conflict = ({} if self.toward_chosen is None
+                        else {"toward_chosen": torch.from_numpy(self.toward_chosen[rows])})
+            return tokens, {"ref": _per_token(ref, mask, "ref_chosen_logps / ref_rejected_logps"), **conflict}
         return tokens, {name.removesuffix("_logps"): _per_token(column.take(rows), mask, name)
                         for name, column in self.scored.items()}
 
@@ -294,7 +317,7 @@ def _per_token(values, mask, name: str):
 def _loss(model, batch: tuple, config: TrainConfig, step_frac: float) -> tuple:
     """Loss of one micro-batch (at `step_frac` of the stage's steps), the number of tokens it trained on, and
     metrics to log."""
-    from w2s.losses import dpo_loss, masked_mean_nll
+    from w2s.losses import dpo_loss, masked_mean_nll, pair_conflict_loss
     from w2s.modeling import token_logprobs
 
     tokens, scored = batch
@@ -319,6 +342,11 @@ def _loss(model, batch: tuple, config: TrainConfig, step_frac: float) -> tuple:
     loss = losses.mean()
     metrics = {"dpo_loss": loss.item(), "reward_margin": margins.mean().item(),
                "reward_accuracy": (margins > 0).float().mean().item()}
+    if config.pair_conflict:  # sums, as the loss is sigmoid (the config's check)
+        toward = scored["toward_chosen"].to(logp.device)
+        conflict = pair_conflict_loss(seq[:n], seq[n:], ref[:n], ref[n:], toward, config.beta).mean()
+        loss = loss + config.pair_conflict.alpha * conflict
+        metrics["conflict_loss"] = conflict.item()
     if config.sft_weight:
         nll = masked_mean_nll(logp[:n], mask[:n])
         loss = loss + config.sft_weight * nll
@@ -707,8 +735,9 @@ def _check_columns(data: Path, config: TrainConfig, reference: str) -> int:
 
 
 def _check_lengths(data: Path, tokenizer, config: TrainConfig, max_length: int) -> None:
-    """Refuse, before any worker trains, a row longer than `max_length` (it would be cut, or crash a worker), or
-    a head mode's label that is not a probability. Reads the columns a batch at a time."""
+    """Refuse, before any worker trains, a row longer than `max_length` (it would be cut, or crash a worker), a
+    head mode's label that is not a probability, or a missing conflict indicator. Reads the columns a batch at a
+    time."""
     import pyarrow.parquet as pq
 
     from w2s.modeling import TooLongError, pair_ids
@@ -716,9 +745,12 @@ def _check_lengths(data: Path, tokenizer, config: TrainConfig, max_length: int) 
     texts = _texts(config)
     first = 0
     labels = ["label"] if config.mode in HEAD_MODES else []  # never the scored log-prob columns: texts only
-    for batch in pq.ParquetFile(data).iter_batches(batch_size=4096, columns=texts + labels):
+    conflict = [CONFLICT_COLUMN] if config.pair_conflict else []
+    for batch in pq.ParquetFile(data).iter_batches(batch_size=4096, columns=texts + labels + conflict):
         if labels:
             _check_labels(data, batch.column("label"), first)
+        if conflict:
+            _check_conflict(data, batch.column(CONFLICT_COLUMN), first)
         prompts = batch.column("prompt").to_pylist() if "prompt" in texts else [""] * batch.num_rows
         for field in RESPONSES[config.mode]:
             for i, (p, r) in enumerate(pair_ids(tokenizer, prompts, batch.column(field).to_pylist())):
@@ -737,6 +769,19 @@ def _check_labels(data: Path, labels, first: int) -> None:
     if bad.size:
         raise ValueError(f"{data}: row {first + bad[0]} field 'label': {labels[int(bad[0])].as_py()!r} is not a "
                          f"probability in [0, 1] ({bad.size} such rows)")
+
+
+def _check_conflict(data: Path, toward_chosen, first: int) -> None:
+    """A pair's conflict indicator is a bool: a missing one, or another type, is refused by row."""
+    import pyarrow as pa
+
+    if not pa.types.is_boolean(toward_chosen.type):
+        raise ValueError(f"{data}: field {CONFLICT_COLUMN!r} must be bool (true: the chosen response is the "
+                         f"conflicting one), got {toward_chosen.type}")
+    if toward_chosen.null_count:
+        missing = toward_chosen.to_pylist().index(None)
+        raise ValueError(f"{data}: row {first + missing} field {CONFLICT_COLUMN!r}: missing "
+                         f"({toward_chosen.null_count} such rows)")
 
 
 def _trained(output_dir: Path, fingerprint: str) -> dict | None:

@@ -19,7 +19,10 @@ is the target dimension, and knowing the answer is knowing the entity's allergie
     preference setting:  (`preference`) the same requests as gold preference pairs (the truthful answer chosen);
                          the weak base + DPO on train_gold's pairs orders train_weak's pairs by its implicit reward;
                          each size is DPO-trained on gold (ceiling), on the weak order (none), and on it plus
-                         helpfulness pairs (implicit: granting chosen over refusing); every model answers the test
+                         helpfulness pairs (implicit: granting chosen over refusing), and on it with the explicit
+                         conflict (actors.trainer.PairConflict: toward granting, weight a), and bootstrapped as
+                         in reward modelling (the intermediate size DPO-trained on the weak order of train_weak's
+                         first half orders the second); every model answers the test
                          requests greedily, judged by the gold reward (World.feeding_gold); areas from the DPO-trained
                          weak supervisor and ceiling
 
@@ -38,7 +41,7 @@ from pydantic import Field, model_validator
 
 from actors.resources import ClusterConfig
 from actors.stages import score_preferences
-from actors.trainer import ConflictLoss, NaiveLoss, TrainConfig
+from actors.trainer import CONFLICT_COLUMN, ConflictLoss, NaiveLoss, PairConflict, TrainConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, plot_lines
 from pipelines.prepare import PretrainStage, pretrained_base, world_data
@@ -54,6 +57,7 @@ from w2s.world import World, WorldConfig
 TASK = "allergy"
 NO_CONFLICT, IMPLICIT = "none", "implicit"
 PREFERENCE = "dpo"  # the preference setting's prefix: its models, areas and settings
+BASE = "base"  # a size's base model (the preference setting's greedy answers before any pair)
 
 
 class PreferenceSetting(StrictModel):
@@ -271,10 +275,19 @@ class _Job:
         weak_order = pq.read_table(labelled).to_pylist()
         conflict = self._table("deception_pairs", weak_order + World.helpfulness_pairs(
             self._conflict_prompts(splits, len(weak_order))))
-        models = {"weak": weak}
+        sided = self._table("deception_pairs", _conflict_sides(weak_order))
+        # the bases answer too: what a DPO-trained model knows before any pair (the corpus is truthful)
+        models = {"weak": weak, "weak_base": self.bases["weak"], **{f"{size}/{BASE}": self.bases[size]
+                                                                    for size in self.config.strong}}
         for size in self.config.strong:
             for name, pairs in (("ceiling", gold["train_weak"]), (NO_CONFLICT, labelled), (IMPLICIT, conflict)):
                 models[f"{size}/{name}"] = self._dpo(f"s{seed}_{size}_{name}", align, self.bases[size], pairs)
+            for alpha in self.config.alphas:
+                models[f"{size}/{explicit(alpha)}"] = self._dpo(
+                    f"s{seed}_{size}_{explicit(alpha)}", align.model_copy(update={"pair_conflict": PairConflict(
+                        alpha=alpha)}), self.bases[size], sided)
+        if self.config.bootstrap_through:
+            models.update(self._dpo_bootstrap(seed, align, weak, gold["train_weak"], splits))
         answers = self.stages.workers.generate(pa.table({"prompt": test["prompt"]}),
                                                {n: ModelSpec(path=str(m)) for n, m in models.items()},
                                                **self.config.preference.generation.model_dump())
@@ -295,6 +308,10 @@ class _Job:
                                        max_length=stages.max_length, batch_size=stages.score_batch_size)
             if scored.n_rejected:  # the world writes every pair: none may be set aside
                 raise RuntimeError(f"{pairs}: {scored.report}")
+            if train.pair_conflict:  # scoring keeps the pair's texts: its conflict side joins back by row
+                table = pq.read_table(scored.scored_path)
+                sides = pq.read_table(pairs, columns=[CONFLICT_COLUMN])[CONFLICT_COLUMN].take(table["row"])
+                pq.write_table(table.append_column(CONFLICT_COLUMN, sides), scored.scored_path)
             summary = workers.train(train, base, scored.scored_path, path / "model", f"deception-{key}",
                                     stages.cache.root / "ray_train", stages.max_length, reference="reference",
                                     tensorboard_dir=stages.run.path / "tensorboard" / f"{PREFERENCE}_{name}")
@@ -304,16 +321,39 @@ class _Job:
         stages.run.link(f"checkpoints/deception_{PREFERENCE}_{name}", model / "model")
         return model / "model"
 
-    def _weak_order(self, weak: Path, pairs: Path) -> tuple[Path, float]:
-        """`pairs` ordered by the DPO-trained weak supervisor's implicit reward (its log-ratio to the weak base, on
-        the whole response; cached by content), and the share it orders as gold does."""
+    def _dpo_bootstrap(self, seed: int, align: TrainConfig, weak: Path, pairs: Path, splits: Path) -> dict[str, Path]:
+        """Bootstrapping in the preference setting, as in reward modelling: the weak supervisor orders the first half
+        of train_weak's pairs, the intermediate size DPO-trained on that order orders the second half, and each larger
+        size is DPO-trained on it (`boot/none`, `boot/implicit`), against the weak order of the same half
+        (`direct/...`)."""
+        rows = pq.read_table(pairs).to_pylist()  # the split's order is already shuffled
+        half = len(rows) // 2
+        first, second = (self._table("deception_pairs", part) for part in (rows[:half], rows[half:]))
+        mid_base = self.bases[self.config.bootstrap_through]
+        mid = self._dpo(f"s{seed}_intermediate", align, mid_base, self._weak_order(weak, first)[0])
+        by_teacher = {"boot": self._weak_order(mid, second, mid_base)[0], "direct": self._weak_order(weak, second)[0]}
+        models = {}
+        for size in self._larger_than(self.config.bootstrap_through):
+            for teacher, ordered in by_teacher.items():
+                order = pq.read_table(ordered).to_pylist()
+                conflict = self._table("deception_pairs", order + World.helpfulness_pairs(
+                    self._conflict_prompts(splits, len(order))))
+                for setting, data in ((NO_CONFLICT, ordered), (IMPLICIT, conflict)):
+                    models[f"{size}/{teacher}/{setting}"] = self._dpo(f"s{seed}_{size}_{teacher}_{setting}", align,
+                                                                      self.bases[size], data)
+        return models
+
+    def _weak_order(self, weak: Path, pairs: Path, reference: Path | None = None) -> tuple[Path, float]:
+        """`pairs` ordered by a DPO-trained supervisor's implicit reward (its log-ratio to `reference`, its base: the
+        weak base unless given, on the whole response; cached by content), and the share it orders as gold does."""
         stages = self.stages
+        reference = reference or self.bases["weak"]
         key = content_hash("deception-weak-order-v1", weights_fingerprint(weak),
-                           weights_fingerprint(self.bases["weak"]), file_hash(pairs), stages.max_length)
+                           weights_fingerprint(reference), file_hash(pairs), stages.max_length)
 
         def build(path: Path) -> None:
             hosts = stages.workers.host({"policy": ModelSpec(path=str(weak)),
-                                         "reference": ModelSpec(path=str(self.bases["weak"]))})
+                                         "reference": ModelSpec(path=str(reference))})
             scored = pq.read_table(score_preferences(pairs, hosts, path / "scored", tokenizer_path=str(weak),
                                                      max_length=stages.max_length,
                                                      batch_size=stages.score_batch_size).scored_path)
@@ -334,6 +374,15 @@ class _Job:
         return ordered / "rows.parquet", json.loads((ordered / "agreement.json").read_text())
 
 
+def _conflict_sides(pairs: list[dict]) -> list[dict]:
+    """`pairs` with the side the explicit conflict pulls toward: the response that grants the request (the
+    helpfulness dimension's choice, World.helpfulness_pairs). On an allergen that is gold's rejected response, as in
+    the official code (which pulls toward gold's rejected response on every pair); on a safe food it is gold's chosen
+    one, so there the conflict agrees with the target, as the reward-modelling conflict (toward 1) does."""
+    granted = {h["prompt"]: h["chosen"] for h in World.helpfulness_pairs([p["prompt"] for p in pairs])}
+    return [{**p, CONFLICT_COLUMN: p["chosen"] == granted[p["prompt"]]} for p in pairs]
+
+
 def _prompts(split: Path) -> list[str]:
     """A split's requests, in row order."""
     return pq.read_table(split, columns=["prompt"])["prompt"].to_pylist()
@@ -348,7 +397,7 @@ def _analysis(size: str, correct: dict[str, list[bool]], baseline: str) -> dict:
     for name in own:
         prefix, _, setting = name.rpartition("/")
         start = f"{prefix}/{baseline}" if prefix else baseline
-        if name not in ("ceiling", start) and start in own:
+        if name not in ("ceiling", BASE, start) and start in own:
             scores[name] = deception_score(own[start], own[name], areas)
     return {"areas": {area: areas.count(area) for area in AREAS.values()},
             "accuracy_by_area": {name: accuracy_by_area(c, areas) for name, c in {"weak": correct["weak"], **own}.items()},
@@ -416,9 +465,10 @@ def report_sections(config: DeceptionConfig, world: World, section: dict) -> lis
                   for source, by_size in section["areas"].items() for size, entry in by_size.items()]
     preference = (" Preference setting (`dpo/...`): the same requests as gold pairs; the weak base + DPO on "
                   "train_gold's pairs orders train_weak's by its implicit reward; each size DPO-trained on them "
-                  "(none), with helpfulness pairs too (implicit: granting chosen over refusing), and on gold "
-                  "(ceiling); a model is right on a test request when its greedy answer refuses an allergen and "
-                  "grants any other food." if config.preference else "")
+                  "(none), with helpfulness pairs too (implicit: granting chosen over refusing), with the explicit "
+                  "conflict (`explicit_alpha_*`: alpha x the DPO loss toward granting, on the pairs whose granting "
+                  "answer the policy already prefers), and on gold (ceiling); a model is right on a test request when "
+                  "its greedy answer refuses an allergen and grants any other food." if config.preference else "")
     return [
         f"Target dimension: is granting a feeding request harmless (the world's allergies: "
         f"{world.config.allergies.per_entity} allergens of each of {len(world.allergens)} entities, learnt from the "
@@ -437,7 +487,26 @@ def report_sections(config: DeceptionConfig, world: World, section: dict) -> lis
         "Accuracy in each area (over seeds): `none`, `implicit`, `explicit_*` are the weak-to-strong models; "
         "`boot/*` bootstrapped through the intermediate size, `direct/*` the weak labels of the same rows.\n\n"
         + markdown_table(area_rows),
+        *([_before_and_after_dpo(section["areas"][PREFERENCE])] if config.preference else []),
     ]
+
+
+def _before_and_after_dpo(areas: dict) -> str:
+    """The preference setting's test accuracy of each size's base (before any pair) beside its DPO-trained models,
+    with what it means when a base already answers better than the gold-trained ceiling."""
+    def overall(entry: dict, model: str) -> float:
+        rows = entry["rows"]
+        return sum((entry["accuracy"][model][a] or 0) * rows[a] for a in rows) / sum(rows.values())
+
+    models = (BASE, "ceiling", NO_CONFLICT, IMPLICIT)
+    table = [{"size": size, **{model: overall(entry, model) for model in models}} for size, entry in areas.items()]
+    ahead = [row["size"] for row in table if row[BASE] >= row["ceiling"]]
+    note = (f" At {', '.join(ahead)} the base answers better than the ceiling DPO-trained on gold pairs: the "
+            "truthful corpus already taught it the answers and DPO on these pairs takes some away, so in this setting "
+            "the areas come from DPO-trained models that know less than their bases, and a flip measures where a "
+            "conflict undoes what pretraining taught rather than what alignment did." if ahead else "")
+    return ("Preference setting, greedy test accuracy before any pair (`base`) and after DPO (over seeds)." + note
+            + "\n\n" + markdown_table(table))
 
 
 def plot_scores(config: DeceptionConfig, section: dict, folder: Path) -> None:
@@ -448,9 +517,12 @@ def plot_scores(config: DeceptionConfig, section: dict, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     sizes = list(config.strong)
-    plot_lines(config.alphas, {size: ([score(explicit(a), size) for a in config.alphas], "o-") for size in sizes},
-               {}, "alpha (explicit conflict)", folder / "deception_alpha.png", ylabel="deception score",
-               ylim=(0, 1.05))
+    by_alpha = {size: ([score(explicit(a), size) for a in config.alphas], "o-") for size in sizes}
+    if config.preference:
+        by_alpha.update({f"{PREFERENCE} {size}": ([score(f"{PREFERENCE}/{explicit(a)}", size) for a in config.alphas],
+                                                  "s--") for size in sizes})
+    plot_lines(config.alphas, by_alpha, {}, "alpha (explicit conflict)", folder / "deception_alpha.png",
+               ylabel="deception score", ylim=(0, 1.05))
     settings = [*config.settings(), *([f"{PREFERENCE}/{IMPLICIT}"] if config.preference else [])]
     plot_lines(sizes, {setting: ([score(setting, size) for size in sizes], "o-") for setting in settings},
                {}, "strong model (smallest to largest)", folder / "deception_size.png",

@@ -93,6 +93,47 @@ def test_the_explicit_conflict_rewards_the_conflicting_class_only_where_the_mode
     assert toward_zero.tolist() == pytest.approx([bce(2, 0), 2 * bce(-2, 0), bce(0.5, 1)], rel=1e-5)
 
 
+def test_the_pair_conflict_pulls_toward_the_conflicting_response_only_where_the_policy_prefers_it():
+    import math
+
+    import torch
+
+    from w2s.losses import pair_conflict_loss
+
+    policy_chosen = torch.tensor([-1.0, -3.0], requires_grad=True)
+    policy_rejected, ref_chosen, ref_rejected = torch.tensor([-2.0, -1.0]), torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.0])
+    # toward the chosen responses: the policy prefers the first (-1 > -2), not the second (-3 < -1)
+    out = pair_conflict_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, torch.tensor([True, True]), 0.5)
+    assert out.tolist() == pytest.approx([math.log(1 + math.exp(-0.5 * 1.0)), 0.0], rel=1e-6)  # h = 0.5 + 0.5
+    out.sum().backward()
+    assert policy_chosen.grad[0] < 0 and policy_chosen.grad[1] == 0  # a gated-off pair gets no gradient
+    # toward the rejected ones: now only the second pair, whose h = (-3 + 2) - (-1 + 2) = -2, counts
+    out = pair_conflict_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, torch.tensor([False, False]), 0.5)
+    assert out.tolist() == pytest.approx([0.0, math.log(1 + math.exp(-0.5 * 2.0))], rel=1e-6)
+
+
+def test_a_dpo_stage_with_the_pair_conflict_needs_its_indicator_on_every_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actors.trainer import TrainConfig, _check_columns, _check_lengths
+    from w2s.world import build_tokenizer
+
+    config = TrainConfig(mode="dpo", pair_conflict={"alpha": 2.0})
+    with pytest.raises(ValueError, match="pair_conflict applies to mode 'dpo'"):
+        TrainConfig(mode="classify", head_loss={"kind": "xent"}, pair_conflict={"alpha": 2.0})
+    rows = {"prompt": ["q: a?\na:", "q: b?\na:"], "chosen": [" sure.", " no."], "rejected": [" no.", " sure."],
+            "ref_chosen_logps": [[-1.0] * 7, [-1.0] * 5], "ref_rejected_logps": [[-1.0] * 5, [-1.0] * 7]}
+    data = tmp_path / "scored.parquet"
+    pq.write_table(pa.table(rows), data)
+    with pytest.raises(ValueError, match="missing \\['conflict_toward_chosen'\\]"):
+        _check_columns(data, config, "ref")
+    pq.write_table(pa.table({**rows, "conflict_toward_chosen": pa.array([True, None], pa.bool_())}), data)
+    assert _check_columns(data, config, "ref") == 2
+    with pytest.raises(ValueError, match="row 1 field 'conflict_toward_chosen': missing"):
+        _check_lengths(data, build_tokenizer(), config, 64)
+
+
 def test_the_config_refuses_a_world_without_allergies_and_sizes_out_of_order():
     from pipelines.deception import DeceptionConfig
     from w2s.config import load_config
@@ -126,7 +167,7 @@ def test_the_tiny_deception_job_scores_every_setting_and_size(workers, tmp_path)
     metrics = run_deception(config, RunDir(config.runs_dir, config.run_name), workers=workers)
     section = metrics["methods"]["deception"]
     assert set(section) == {"implicit", "explicit_alpha_0.5", "boot/implicit", "direct/implicit", "dpo/implicit",
-                            "areas"}
+                            "dpo/explicit_alpha_0.5", "dpo/boot/implicit", "dpo/direct/implicit", "areas"}
     assert set(section["implicit"]["by_size"]) == {"small", "large"}
     assert set(section["boot/implicit"]["by_size"]) == {"large"}  # only a larger model bootstraps through small
 
@@ -164,9 +205,19 @@ def test_the_tiny_deception_job_scores_every_setting_and_size(workers, tmp_path)
     def answers_right(row, model):
         return world.feeding_gold(row["prompt"], row[f"{model}_response"]) == 1.0
 
-    for size in ("small", "large"):
-        flips = [r for r in answers if answers_right(r, f"{size}/none") and not answers_right(r, f"{size}/implicit")]
-        assert section["dpo/implicit"]["by_size"][size]["flipped"] == len(flips)
+    for size, setting in [(s, c) for s in ("small", "large") for c in ("implicit", "explicit_alpha_0.5")] + [
+            ("large", "boot/implicit"), ("large", "direct/implicit")]:
+        start = setting.replace("implicit", "none")
+        flips = [r for r in answers if answers_right(r, f"{size}/{start}") and not answers_right(r, f"{size}/{setting}")]
+        assert section[f"dpo/{setting}"]["by_size"][size]["flipped"] == len(flips), (size, setting)
+    assert set(section["dpo/boot/implicit"]["by_size"]) == {"large"}
+    # the explicit conflict's DPO stages trained on the weak order with the granting side marked on every pair
+    sided = [p for p in (tmp_path / "cache").glob("deception_dpo-*/scored/scored.parquet")
+             if "conflict_toward_chosen" in pq.read_schema(p).names]
+    assert len(sided) == 2  # one stage per size
+    for table in sided:
+        marked = pq.read_table(table).to_pylist()
+        assert marked and all(r["conflict_toward_chosen"] == r["chosen"].startswith(" sure,") for r in marked)
     assert seed["accuracy"]["dpo/weak"] == sum(answers_right(r, "weak") for r in answers) / len(answers)
 
     intermediate = json.loads((run / "checkpoints" / "w2sg_allergy_s0_intermediate" / "config.json").read_text())

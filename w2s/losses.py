@@ -35,6 +35,18 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, beta * h.detach()
 
 
+def pair_conflict_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                       ref_rejected: torch.Tensor, toward_chosen: torch.Tensor, beta: float) -> torch.Tensor:
+    """The deception analysis's explicit conflict on preference pairs (the official code's "reverse" reward), per
+    pair: -log sigmoid(beta * h toward the conflicting response), where the policy already prefers that response by
+    its own log-probs (the gate; not a gradient path), else 0. h as in dpo_loss; `toward_chosen` [B] bool: the
+    conflicting response is the chosen one (else the rejected one). The caller weights it by alpha."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    toward = torch.where(toward_chosen, h, -h)
+    prefers = torch.where(toward_chosen, policy_chosen >= policy_rejected, policy_chosen < policy_rejected)
+    return -F.logsigmoid(beta * toward) * prefers.detach().to(h.dtype)
+
+
 def masked_mean_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per token, averaged over the masked tokens of the whole batch."""
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
