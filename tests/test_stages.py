@@ -68,10 +68,14 @@ def test_the_pool_keeps_its_hosts_and_shares_one_between_equal_weights(pool, che
     assert first["a"].actor == first["b"].actor and first["a"].model == first["b"].model  # one host, one load
     where = {w["pid"]: w for w in pool.where()}
     assert len(where) == 2 and all(w["device"] == "cpu" for w in where.values())  # no GPU here: same code
+    # the cluster's 4 CPUs shared by the stage's 2 hosts (never more threads than the machine has)
+    assert {w["threads"] for w in where.values()} == {min(2, os.cpu_count())}
     # a later stage asking for a model a host holds gets that host, already loaded: no new host, no reload
     again = pool.hosts({"x": ModelSpec(path=str(checkpoints["strong"]))})
     assert again["x"].actor == first["c"].actor and len(pool.where()) == 2
-    assert ray.get(again["x"].actor.where.remote())["model"] == str(checkpoints["strong"].resolve())
+    alone = ray.get(again["x"].actor.where.remote())
+    assert alone["model"] == str(checkpoints["strong"].resolve())
+    assert alone["threads"] == min(4, os.cpu_count())  # a model scored alone gets every CPU
     with pytest.raises(ValueError, match="needs 4 models at once, more than the job's 3 model hosts"):
         pool.hosts({f"m{i}": ModelSpec(path=str(p)) for i, p in enumerate(
             [checkpoints["weak"], checkpoints["strong"], *_other_weights(checkpoints, tmp_path, 2)])})
