@@ -41,17 +41,20 @@ class ModelHost:
         self.model = self.tokenizer = self.held = None
         self.searches: dict[str, object] = {}  # search rows in progress (w2s.decoding.DecodeRows), by session
 
-    def _use(self, model: dict) -> None:
-        """Hold `model`, run with its stage's `threads` (every call names them: a host restarted mid-stage
-        computes as it did, since the thread count can change a forward's last bits)."""
+    def _threaded(self, model: dict) -> dict:
+        """Run with the stage's `threads` that a call names (every call does: a host restarted mid-stage computes
+        as it did, since the thread count can change a forward's last bits); the model without them."""
         import torch
-
-        from w2s.modeling import load_model, model_positions
 
         threads = model.get("threads")
         if threads and self.device == "cpu":  # at most the machine's CPUs: a cluster may say it has more
             torch.set_num_threads(min(threads, os.cpu_count() or 1))
-        model = {k: v for k, v in model.items() if k != "threads"}
+        return {k: v for k, v in model.items() if k != "threads"}
+
+    def _use(self, model: dict) -> None:
+        from w2s.modeling import load_model, model_positions
+
+        model = self._threaded(model)
         if model != self.held:
             self.model = self.tokenizer = self.held = None
             self.searches = {}  # their KV caches belong to the model that goes
@@ -134,7 +137,7 @@ class ModelHost:
         self.searches.pop(session, None)
 
     def _search(self, model: dict, session: str):
-        if model != self.held or session not in self.searches:
+        if self._threaded(model) != self.held or session not in self.searches:
             raise RuntimeError(f"search session {session} is not on this host (it restarted, or loaded another "
                                "model): the search batch must start again")
         return self.searches[session]
