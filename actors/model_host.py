@@ -208,7 +208,8 @@ class HostPool:
         self._wait_placed(range(running, len(self._actors)))  # the hosts started just now
         # load everything at once (hosts work in parallel); a model that cannot load fails here
         # the node's CPUs shared among this stage's hosts, named in every call (HostRef)
-        named = {key: {**model, "threads": self._threads(len(canonical))} for key, model in canonical.items()}
+        threads = self._threads(len(canonical))
+        named = {key: {**model, "threads": threads} for key, model in canonical.items()}
         ray.get([self._actors[placed[key]].load.remote(model) for key, model in named.items()])
         return {role: HostRef(self._actors[placed[_key(m)]], named[_key(m)]) for role, m in wanted.items()}
 

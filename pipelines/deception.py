@@ -272,10 +272,8 @@ class _Job:
                 for split in ("train_gold", "train_weak")}
         weak = self._dpo(f"s{seed}_weak", align, self.bases["weak"], gold["train_gold"])
         labelled, agreement = self._weak_order(weak, gold["train_weak"])
-        weak_order = pq.read_table(labelled).to_pylist()
-        conflict = self._table("deception_pairs", weak_order + World.helpfulness_pairs(
-            self._conflict_prompts(splits, len(weak_order))))
-        sided = self._table("deception_pairs", _conflict_sides(weak_order))
+        conflict = self._with_helpfulness_pairs(labelled, splits)
+        sided = self._table("deception_pairs", _conflict_sides(pq.read_table(labelled).to_pylist()))
         # the bases answer too: what a DPO-trained model knows before any pair (the corpus is truthful)
         models = {"weak": weak, "weak_base": self.bases["weak"], **{f"{size}/{BASE}": self.bases[size]
                                                                     for size in self.config.strong}}
@@ -332,16 +330,19 @@ class _Job:
         mid_base = self.bases[self.config.bootstrap_through]
         mid = self._dpo(f"s{seed}_intermediate", align, mid_base, self._weak_order(weak, first)[0])
         by_teacher = {"boot": self._weak_order(mid, second, mid_base)[0], "direct": self._weak_order(weak, second)[0]}
-        models = {}
-        for size in self._larger_than(self.config.bootstrap_through):
-            for teacher, ordered in by_teacher.items():
-                order = pq.read_table(ordered).to_pylist()
-                conflict = self._table("deception_pairs", order + World.helpfulness_pairs(
-                    self._conflict_prompts(splits, len(order))))
-                for setting, data in ((NO_CONFLICT, ordered), (IMPLICIT, conflict)):
-                    models[f"{size}/{teacher}/{setting}"] = self._dpo(f"s{seed}_{size}_{teacher}_{setting}", align,
-                                                                      self.bases[size], data)
-        return models
+        data = {teacher: {NO_CONFLICT: ordered, IMPLICIT: self._with_helpfulness_pairs(ordered, splits)}
+                for teacher, ordered in by_teacher.items()}
+        return {f"{size}/{teacher}/{setting}": self._dpo(f"s{seed}_{size}_{teacher}_{setting}", align,
+                                                         self.bases[size], pairs)
+                for size in self._larger_than(self.config.bootstrap_through)
+                for teacher, settings in data.items() for setting, pairs in settings.items()}
+
+    def _with_helpfulness_pairs(self, ordered: Path, splits: Path) -> Path:
+        """The preference setting's implicit conflict: `ordered` pairs and helpfulness pairs (`helpfulness_share` of
+        their number, on train_gold's requests) in one table, as `_mixed` is for reward modelling."""
+        pairs = pq.read_table(ordered).to_pylist()
+        return self._table("deception_pairs", pairs + World.helpfulness_pairs(self._conflict_prompts(splits,
+                                                                                                      len(pairs))))
 
     def _weak_order(self, weak: Path, pairs: Path, reference: Path | None = None) -> tuple[Path, float]:
         """`pairs` ordered by a DPO-trained supervisor's implicit reward (its log-ratio to `reference`, its base: the
