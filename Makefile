@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/prepare.yaml
 
-.PHONY: setup demo wspo serve real-model test bench gpu-smoke clean
+.PHONY: setup demo demo-real wspo serve real-model test bench gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ $(VENV)/.bench: $(STAMP)
 
 demo: setup
 	$(PY) -m jobs.prepare --config $(DEMO_CONFIG)
+
+# The real-model track: SmolLM2-135M-Instruct aligned weak-to-strong (WSPO, MACPO) on real facts and harmful
+# requests, judged by a gold reward written in code (w2s/real_task.py); prints the table.
+demo-real: setup
+	$(PY) -m jobs.real --config configs/real.yaml
 
 wspo: setup
 	$(PY) -m jobs.wspo --config configs/wspo.yaml

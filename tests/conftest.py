@@ -68,13 +68,14 @@ def job_in_process(module: str, config: str, cwd: Path, workers, *overrides: str
 
     job = importlib.import_module(f"jobs.{module}")
     config_class, run_one = {"prepare": ("PrepareConfig", "run_one"), "wspo": ("WSPOConfig", "run_wspo"),
-                             "search": ("SearchConfig", "run_search"), "macpo": ("MACPOConfig", "run_macpo")}[module]
+                             "search": ("SearchConfig", "run_search"), "macpo": ("MACPOConfig", "run_macpo"),
+                             "real": ("RealConfig", "run_real")}[module]
     screen, here = screen or io.StringIO(), os.getcwd()
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(screen), contextlib.redirect_stderr(screen):
             run_seeds(load_config(getattr(job, config_class), config, list(overrides)), getattr(job, run_one),
-                      job.tables, job.sections, workers=workers)
+                      job.tables, getattr(job, "sections", None), workers=workers)
     finally:
         os.chdir(here)
     return screen.getvalue()

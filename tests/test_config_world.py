@@ -172,6 +172,7 @@ def test_every_shipped_config_loads_as_its_jobs_config():
     from jobs.serve import load_serve_file
     from pipelines.macpo import MACPOConfig
     from pipelines.score import ScoreConfig
+    from pipelines.real import RealConfig
     from pipelines.search import SearchConfig
     from pipelines.w2sg import W2SGConfig
     from pipelines.wspo import WSPOConfig
@@ -180,7 +181,8 @@ def test_every_shipped_config_loads_as_its_jobs_config():
             "wspo": WSPOConfig, "tiny_wspo": WSPOConfig, "macpo": MACPOConfig, "tiny_macpo": MACPOConfig,
             "macpo_own": MACPOConfig, "search": SearchConfig, "tiny_search": SearchConfig,
             "search_own": SearchConfig, "w2sg": W2SGConfig, "tiny_w2sg": W2SGConfig, "w2sg_own": W2SGConfig,
-            "deception": DeceptionConfig, "tiny_deception": DeceptionConfig}
+            "deception": DeceptionConfig, "tiny_deception": DeceptionConfig, "real": RealConfig,
+            "tiny_real": RealConfig}
     shipped = sorted(p.stem for p in Path("configs").glob("*.yaml"))
     assert shipped == sorted([*jobs, "serve"]), "a config without its job here, or one listed that is gone"
     for name, cls in jobs.items():

@@ -60,6 +60,31 @@ def init_gpt2(size: GPTSize, tokenizer, out: str | Path, seed: int = 0) -> Path:
     return Path(out)
 
 
+class LlamaSize(StrictModel):
+    """A small Llama built from config on a given tokenizer (the real-model track's weak models share SmolLM2's)."""
+
+    n_layer: int = Field(ge=1)
+    hidden_size: int = Field(ge=8)
+    n_head: int = Field(ge=1)
+    intermediate_size: int = Field(ge=8)
+    n_positions: int = Field(256, ge=16)
+
+
+def init_llama(size: LlamaSize, tokenizer, out: str | Path, seed: int = 0) -> Path:
+    """Save a freshly initialised Llama (tied embeddings) and `tokenizer` (its chat template too) as a checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=size.hidden_size, num_hidden_layers=size.n_layer,
+                         num_attention_heads=size.n_head, num_key_value_heads=size.n_head,
+                         intermediate_size=size.intermediate_size, max_position_embeddings=size.n_positions,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
 def check_model_path(path: str | Path) -> Path:
     """Fail fast, naming the path, when a checkpoint folder is missing a config or tokenizer."""
     path = Path(path)
