@@ -1,4 +1,4 @@
-"""Gold-reward evaluation on the embedded world, shared by every job.
+"""Gold-reward evaluation on the embedded world (or any task with a `gold_reward`, w2s.real_task), shared by every job.
 
 Every model generates on the held-out prompts through model-hosting actors (one group, so the
 models run side by side); the world's gold reward scores each response.

@@ -39,9 +39,6 @@ from w2s.real_task import RealTask, RealTaskConfig, rule_errors
 from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_cell, markdown_table
 from w2s.smollm2 import DEFAULT_DIR, convert
 
-REFERENCES = ("weak_base", "weak_aligned", "strong_base", "strong_ceiling")
-
-
 class WeakStage(StrictModel):
     size: LlamaSize
     train: TrainConfig = Field(description="pretraining on the task's corpus (mode lm)")
@@ -80,11 +77,11 @@ class RealConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        for name, mode in (("weak.train", "lm"), ("align", "dpo"), ("ceiling", "dpo"), ("wspo", "wspo")):
-            section, *field = name.split(".")
-            value = getattr(getattr(self, section), field[0]) if field else getattr(self, section)
-            if value.mode != mode:
-                raise ValueError(f"{name}.mode must be {mode!r}, got {value.mode!r}")
+        stages = {"weak.train": (self.weak.train, "lm"), "align": (self.align, "dpo"),
+                  "ceiling": (self.ceiling, "dpo"), "wspo": (self.wspo, "wspo")}
+        for name, (train, mode) in stages.items():
+            if train.mode != mode:
+                raise ValueError(f"{name}.mode must be {mode!r}, got {train.mode!r}")
         return self
 
 
@@ -108,7 +105,7 @@ def run_real(config: RealConfig, run: RunDir, seed: int = 0, workers: Workers | 
         methods = {"wspo": _wspo(config, models, data, max_length, run, workers)}
         if config.macpo is not None:
             methods.update(_macpo(config, models, data, max_length, run, workers))
-        metrics = _evaluate(config, task, data, models, methods, run, workers)
+        _evaluate(config, task, data, models, methods, run, workers)
     return run.update_metrics({"wall_seconds": {"real": round(time.perf_counter() - start, 1)}})
 
 
@@ -125,16 +122,18 @@ def _task_data(cache: Cache, task: RealTask, strong: ModelSpec, run: RunDir) -> 
     tokenizer = load_tokenizer(strong.path, strong.trust_remote_code)
     key = content_hash("real-task-v1", task.config, file_hash(task.config.facts), tokenizer.chat_template)
 
+    def asked(question: str) -> str:  # the prompt the models read: the question as one user turn
+        return render_chat([{"role": "user", "content": question}], tokenizer)
+
     def build(path: Path) -> None:
         with open(path / "pairs.jsonl", "w") as f:
             for row in task.preference_pairs():
                 f.write(json.dumps(row) + "\n")
         prompts = task.eval_prompts()
         for row in prompts:
-            row["prompt"] = render_chat([{"role": "user", "content": row["question"]}], tokenizer)
+            row["prompt"] = asked(row["question"])
         pq.write_table(pa.Table.from_pylist(prompts), path / "eval_prompts.parquet")
-        texts = [render_chat([{"role": "user", "content": d["question"]}], tokenizer) + d["answer"]
-                 for d in task.corpus()]
+        texts = [asked(d["question"]) + d["answer"] for d in task.corpus()]
         pq.write_table(pa.table({"text": texts}), path / "corpus.parquet")
         schema = pa.schema([("row", pa.int64()), ("field", pa.string()), ("error", pa.string())])
         pq.write_table(pa.Table.from_pylist(task.set_aside, schema=schema), path / "facts_set_aside.parquet")
@@ -148,7 +147,8 @@ def _reference_models(config: RealConfig, cache: Cache, data: Path, strong: Mode
                       workers: Workers, run: RunDir) -> dict[str, Path]:
     """The weak base (pretrained here), weak aligned and strong ceiling (DPO on the gold pairs), and the strong base."""
     storage, tensorboard = cache.root.resolve() / "ray_train", run.path / "tensorboard"
-    key = content_hash("real-weak-v1", data.name, config.weak, max_length, weights_fingerprint(strong.path))
+    strong_fingerprint = weights_fingerprint(strong.path)  # reads every byte: once
+    key = content_hash("real-weak-v1", data.name, config.weak, max_length, strong_fingerprint)
 
     def pretrain(path: Path) -> None:
         init_llama(config.weak.size, load_tokenizer(strong.path, strong.trust_remote_code), path / "init",
@@ -157,7 +157,7 @@ def _reference_models(config: RealConfig, cache: Cache, data: Path, strong: Mode
                       storage, max_length, tensorboard_dir=tensorboard / "weak_base")
 
     models = {"weak_base": cache.build("real_weak_base", key, pretrain, _log) / "model", "strong_base": Path(strong.path)}
-    fingerprints = {name: weights_fingerprint(path) for name, path in models.items()}
+    fingerprints = {"weak_base": weights_fingerprint(models["weak_base"]), "strong_base": strong_fingerprint}
     dtype = workers.train_dtype(config.align)
     pairs_key = content_hash("real-pairs-v1", data.name, fingerprints, max_length, dtype)
 
