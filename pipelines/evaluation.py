@@ -7,6 +7,7 @@ models run side by side); the world's gold reward scores each response.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +18,12 @@ from w2s.config import StrictModel
 from w2s.metrics import gold_scores
 from w2s.modeling import ModelSpec
 from w2s.runs import markdown_cell, markdown_table
-from w2s.world import World
+
+
+class GoldReward(Protocol):
+    """What has a gold reward: the embedded world (w2s.world.World) and the real-model task (w2s.real_task)."""
+
+    def gold_reward(self, row: dict, response: str) -> float: ...
 
 
 class GenerationConfig(StrictModel):
@@ -31,7 +37,7 @@ class GenerationConfig(StrictModel):
     seed: int = 0
 
 
-def gold_evaluate(world: World, prompts_path: Path, models: dict[str, Path], generation: GenerationConfig,
+def gold_evaluate(world: GoldReward, prompts_path: Path, models: dict[str, Path], generation: GenerationConfig,
                   workers: Workers) -> tuple[dict[str, dict], pa.Table]:
     """Scores {model: {helpful, harmless, total}} and the generations (`<model>_response`, `<model>_gold`).
 

@@ -1,7 +1,8 @@
 """The real-model track: SmolLM2-135M-Instruct aligned weak-to-strong on real facts and harmful requests.
 
     task (w2s.real_task)  ->  gold pairs (chat), held-out prompts, weak corpus, each rendered by SmolLM2's template
-    weak base             =  a small Llama on SmolLM2's tokenizer, pretrained here on the corpus (LM loss)
+    weak base             =  a small Llama on SmolLM2's tokenizer, trained here on the corpus's question-answer
+                             documents (loss on the answers: it learns the popular facts and to comply with harm)
     score gold pairs under the weak base and SmolLM2 (Ray Data through model hosts)
     weak aligned          =  the weak base + DPO on the gold pairs;   strong ceiling = SmolLM2 + DPO on them
     WSPO                  =  jobs.wspo on these models and pairs (prepare: null), the strong model SmolLM2
@@ -35,13 +36,13 @@ from w2s.data import render_chat
 from w2s.metrics import pgr, verdict_by_reward, verdict_shares
 from w2s.modeling import (LlamaSize, ModelSpec, init_llama, load_tokenizer, model_positions, resolve_max_length,
                           weights_fingerprint)
-from w2s.real_task import RealTask, RealTaskConfig, rule_errors
+from w2s.real_task import RealTask, RealTaskConfig, is_refusal, rule_errors
 from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_cell, markdown_table
 from w2s.smollm2 import DEFAULT_DIR, convert
 
 class WeakStage(StrictModel):
     size: LlamaSize
-    train: TrainConfig = Field(description="pretraining on the task's corpus (mode lm)")
+    train: TrainConfig = Field(description="training on the task's corpus, loss on the answers (mode sft)")
 
 
 class MACPOSettings(StrictModel):
@@ -77,7 +78,7 @@ class RealConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        stages = {"weak.train": (self.weak.train, "lm"), "align": (self.align, "dpo"),
+        stages = {"weak.train": (self.weak.train, "sft"), "align": (self.align, "dpo"),
                   "ceiling": (self.ceiling, "dpo"), "wspo": (self.wspo, "wspo")}
         for name, (train, mode) in stages.items():
             if train.mode != mode:
@@ -118,9 +119,10 @@ def _strong_model(config: RealConfig) -> ModelSpec:
 
 def _task_data(cache: Cache, task: RealTask, strong: ModelSpec, run: RunDir) -> Path:
     """pairs.jsonl (gold pairs, chat), eval_prompts.parquet (prompt rendered by the strong model's template,
-    question, kind, category, answer) and corpus.parquet (text: rendered question + answer), written once."""
+    question, kind, category, answer) and corpus.parquet (prompt: the rendered question, response: its answer),
+    written once."""
     tokenizer = load_tokenizer(strong.path, strong.trust_remote_code)
-    key = content_hash("real-task-v1", task.config, file_hash(task.config.facts), tokenizer.chat_template)
+    key = content_hash("real-task-v2", task.config, file_hash(task.config.facts), tokenizer.chat_template)
 
     def asked(question: str) -> str:  # the prompt the models read: the question as one user turn
         return render_chat([{"role": "user", "content": question}], tokenizer)
@@ -133,8 +135,9 @@ def _task_data(cache: Cache, task: RealTask, strong: ModelSpec, run: RunDir) -> 
         for row in prompts:
             row["prompt"] = asked(row["question"])
         pq.write_table(pa.Table.from_pylist(prompts), path / "eval_prompts.parquet")
-        texts = [asked(d["question"]) + d["answer"] for d in task.corpus()]
-        pq.write_table(pa.table({"text": texts}), path / "corpus.parquet")
+        corpus = task.corpus()
+        pq.write_table(pa.table({"prompt": [asked(d["question"]) for d in corpus],
+                                 "response": [d["answer"] for d in corpus]}), path / "corpus.parquet")
         schema = pa.schema([("row", pa.int64()), ("field", pa.string()), ("error", pa.string())])
         pq.write_table(pa.Table.from_pylist(task.set_aside, schema=schema), path / "facts_set_aside.parquet")
 
@@ -145,18 +148,18 @@ def _task_data(cache: Cache, task: RealTask, strong: ModelSpec, run: RunDir) -> 
 
 def _reference_models(config: RealConfig, cache: Cache, data: Path, strong: ModelSpec, max_length: int,
                       workers: Workers, run: RunDir) -> dict[str, Path]:
-    """The weak base (pretrained here), weak aligned and strong ceiling (DPO on the gold pairs), and the strong base."""
+    """The weak base (trained on the corpus), weak aligned and strong ceiling (DPO on the gold pairs), strong base."""
     storage, tensorboard = cache.root.resolve() / "ray_train", run.path / "tensorboard"
     strong_fingerprint = weights_fingerprint(strong.path)  # reads every byte: once
-    key = content_hash("real-weak-v1", data.name, config.weak, max_length, strong_fingerprint)
+    key = content_hash("real-weak-v2", data.name, config.weak, max_length, strong_fingerprint)
 
-    def pretrain(path: Path) -> None:
+    def train_weak(path: Path) -> None:
         init_llama(config.weak.size, load_tokenizer(strong.path, strong.trust_remote_code), path / "init",
                    config.weak.train.seed)
         workers.train(config.weak.train, path / "init", data / "corpus.parquet", path / "model", f"real-weak-{key}",
                       storage, max_length, tensorboard_dir=tensorboard / "weak_base")
 
-    models = {"weak_base": cache.build("real_weak_base", key, pretrain, _log) / "model", "strong_base": Path(strong.path)}
+    models = {"weak_base": cache.build("real_weak_base", key, train_weak, _log) / "model", "strong_base": Path(strong.path)}
     fingerprints = {"weak_base": weights_fingerprint(models["weak_base"]), "strong_base": strong_fingerprint}
     dtype = workers.train_dtype(config.align)
     pairs_key = content_hash("real-pairs-v1", data.name, fingerprints, max_length, dtype)
@@ -216,15 +219,18 @@ def _macpo(config: RealConfig, models: dict[str, Path], data: Path, max_length: 
 def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, Path], methods: dict[str, Path],
               run: RunDir, workers: Workers) -> dict:
     """Gold reward of every model on the held-out prompts, PGR on total, win / tie / lose against the weak aligned
-    model by gold reward, and the gold rule's measured error rates; metrics.json, report.md and a plot."""
+    model by gold reward, the share of fact questions it refuses (over-refusal: harmlessness bought with
+    helpfulness), and the gold rule's measured error rates; metrics.json, report.md and a plot."""
     judged = {**models, **methods}
     scores, generations = gold_evaluate(task, data / "eval_prompts.parquet", judged, config.generation, workers)
     run.write_examples("eval_generations", generations)
     rows = generations.to_pylist()
     weak, ceiling = scores["weak_aligned"]["total"], scores["strong_ceiling"]["total"]
+    facts = [r for r in rows if r["kind"] == "helpful"]
     for name in judged:
         verdicts = [verdict_by_reward(r[f"{name}_gold"], r["weak_aligned_gold"], 0.0) for r in rows]
-        scores[name].update(pgr=pgr(scores[name]["total"], weak, ceiling), **verdict_shares(verdicts))
+        scores[name].update(pgr=pgr(scores[name]["total"], weak, ceiling), **verdict_shares(verdicts),
+                            refuses_facts=sum(is_refusal(r[f"{name}_response"]) for r in facts) / len(facts))
     checks = [json.loads(line) for line in Path(config.gold_checks).read_text().splitlines() if line.strip()]
     errors = rule_errors(task, checks)
     metrics = run.update_metrics({"models": scores, "gold_rule": errors["by_kind"],
@@ -238,7 +244,8 @@ def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, 
 
 
 def score_table(scores: dict) -> list[dict]:
-    return [{"model": name, **{k: s[k] for k in ("helpful", "harmless", "total", "pgr", "win", "tie", "lose")}}
+    return [{"model": name, **{k: s[k] for k in ("helpful", "harmless", "total", "pgr", "win", "tie", "lose",
+                                                  "refuses_facts")}}
             for name, s in scores.items()]
 
 
@@ -248,12 +255,12 @@ def _report(config: RealConfig, task: RealTask, scores: dict, errors: dict, gene
     rule = [{"kind": kind, **e} for kind, e in errors["by_kind"].items()]
     return [
         f"The strong base `{config.strong.path}`; weak models: Llama ({config.weak.size.n_layer} layers, hidden "
-        f"{config.weak.size.hidden_size}) on its tokenizer, pretrained on {config.task.n_corpus_docs} documents of the "
+        f"{config.weak.size.hidden_size}) on its tokenizer, trained on {config.task.n_corpus_docs} documents of the "
         f"task's facts and harmful requests (complied with at {config.task.comply_rate}). Gold pairs on "
         f"{len(task.pair_facts)} facts and {len(task.pair_harms)} harmful requests; held out: {len(task.eval_facts)} "
         f"facts and {len(task.eval_harms)} requests, answered greedily. PGR on total = (model - weak aligned) / "
         "(strong ceiling - weak aligned); win / tie / lose: per prompt, the model's gold reward against the weak "
-        "aligned model's.",
+        "aligned model's; refuses_facts: the share of fact questions answered with a refusal phrase.",
         markdown_table(score_table(scores)),
         "![gold reward](plots/gold_reward.png)",
         "Helpful by category (share right):\n\n" + markdown_table(by_category),

@@ -160,3 +160,30 @@ def test_a_bos_tokenizer_gets_one_bos_before_every_prompt():
     inner.post_processor = None
     assert encode_prompts(PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>"),
                           ["ab"]) == [[67, 68]]
+
+
+def test_logits_only_at_response_tokens_equal_the_full_forward(checkpoints, tmp_path):
+    """token_logprobs asks a transformers model for logits at response positions only (boolean logits_to_keep):
+    the same log-probs and gradients as the full forward, for GPT-2 and for a Llama under a LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from w2s.modeling import LlamaSize, _keeps_logits_by_mask, init_llama, token_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["weak"])
+    llama = init_llama(LlamaSize(n_layer=1, hidden_size=16, n_head=2, intermediate_size=32), tokenizer, tmp_path / "l")
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    models = [load_model(ModelSpec(path=str(checkpoints["weak"])))[0],
+              get_peft_model(AutoModelForCausalLM.from_pretrained(llama), lora)]
+    batch = tokenize_pairs(tokenizer, ["q: zorb color?\na:", "q: a?\na:"], [" red.", " sorry, no."], max_length=64)
+    for model in models:
+        assert _keeps_logits_by_mask(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        picked = token_logprobs(model, batch)
+        picked_grads = torch.autograd.grad(picked.sum(), params)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        full = torch.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        full = full * batch.response_mask[:, 1:]
+        full_grads = torch.autograd.grad(full.sum(), params)
+        assert picked.shape == full.shape and torch.allclose(picked, full, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(picked_grads, full_grads))

@@ -310,8 +310,30 @@ def token_logprobs(model, batch: TokenizedBatch) -> torch.Tensor:
     """
     device = next(model.parameters()).device
     ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
-    logp = selective_log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
-    return logp * batch.response_mask[:, 1:].to(device)
+    response = batch.response_mask[:, 1:].to(device)
+    if not _keeps_logits_by_mask(model):
+        logp = selective_log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
+        return logp * response
+    # Logits only where a response token is predicted (position t predicts token t + 1): the output layer is
+    # most of a small model's cost on a large vocabulary, and prompts are most of the tokens.
+    wanted = response.bool()
+    keep = torch.nn.functional.pad(wanted, (0, 1))
+    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits  # [response tokens, V]
+    picked = selective_log_softmax(logits.unsqueeze(1), ids[:, 1:][wanted].unsqueeze(1)).squeeze(1)
+    return torch.zeros(wanted.shape, dtype=picked.dtype, device=device).masked_scatter(wanted, picked)
+
+
+def _keeps_logits_by_mask(model) -> bool:
+    """Whether the model (under its DeepSpeed / peft wrappers) computes logits only at the positions of a boolean
+    `logits_to_keep` mask: transformers models whose forward slices with `slice_logits_to_keep`."""
+    import inspect
+    import sys
+
+    model = getattr(model, "module", model)  # the DeepSpeed engine
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    module = sys.modules.get(type(model).__module__)
+    return (hasattr(module, "slice_logits_to_keep")
+            and "logits_to_keep" in inspect.signature(type(model).forward).parameters)
 
 
 LOG_SOFTMAX_CHUNK = 2**25  # float32 logits converted at a time (128 MiB): a few rows of a 150k vocabulary
