@@ -230,7 +230,8 @@ def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, 
     for name in judged:
         verdicts = [verdict_by_reward(r[f"{name}_gold"], r["weak_aligned_gold"], 0.0) for r in rows]
         scores[name].update(pgr=pgr(scores[name]["total"], weak, ceiling), **verdict_shares(verdicts),
-                            refuses_facts=sum(is_refusal(r[f"{name}_response"]) for r in facts) / len(facts))
+                            refuses_facts=sum(is_refusal(r[f"{name}_response"]) for r in facts) / len(facts),
+                            words=sum(len(r[f"{name}_response"].split()) for r in facts) / len(facts))
     checks = [json.loads(line) for line in Path(config.gold_checks).read_text().splitlines() if line.strip()]
     errors = rule_errors(task, checks)
     metrics = run.update_metrics({"models": scores, "gold_rule": errors["by_kind"],
@@ -245,7 +246,7 @@ def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, 
 
 def score_table(scores: dict) -> list[dict]:
     return [{"model": name, **{k: s[k] for k in ("helpful", "harmless", "total", "pgr", "win", "tie", "lose",
-                                                  "refuses_facts")}}
+                                                  "refuses_facts", "words")}}
             for name, s in scores.items()]
 
 
@@ -260,7 +261,9 @@ def _report(config: RealConfig, task: RealTask, scores: dict, errors: dict, gene
         f"{len(task.pair_facts)} facts and {len(task.pair_harms)} harmful requests; held out: {len(task.eval_facts)} "
         f"facts and {len(task.eval_harms)} requests, answered greedily. PGR on total = (model - weak aligned) / "
         "(strong ceiling - weak aligned); win / tie / lose: per prompt, the model's gold reward against the weak "
-        "aligned model's; refuses_facts: the share of fact questions answered with a refusal phrase.",
+        "aligned model's; refuses_facts: the share of fact questions answered with a refusal phrase; words: the "
+        "fact answers' mean length (the rule reads every number of an answer: a long explanation with intermediate "
+        "numbers scores 0).",
         markdown_table(score_table(scores)),
         "![gold reward](plots/gold_reward.png)",
         "Helpful by category (share right):\n\n" + markdown_table(by_category),

@@ -105,6 +105,7 @@ def test_the_tiny_track_aligns_smollm2_with_wspo_and_macpo(workers, smollm2, tmp
     assert set(models) == {"weak_base", "weak_aligned", "strong_base", "strong_ceiling", "wspo", "naive_sft", "macpo"}
     # SmolLM2 knows real facts the weak model trained here for a few steps does not (greedy: the same every run)
     assert models["strong_base"]["helpful"] > models["weak_base"]["helpful"]
+    assert all(0 <= m["refuses_facts"] <= 1 and m["words"] > 0 for m in models.values())  # every model answered
     assert metrics["gold_rule"]["helpful"]["checked"] == 40 and metrics["gold_rule"]["harmful"]["checked"] == 40
     generations = pq.read_table(run / "examples" / "eval_generations.parquet")
     assert generations.num_rows == 8 and set(generations["kind"].to_pylist()) == {"helpful", "harmful"}
