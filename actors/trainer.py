@@ -597,12 +597,10 @@ def _give_back_freed_memory() -> None:
     """Return the freed heap to the machine: glibc keeps what a process freed for its own next allocations, so an
     idle worker went on holding its last stage's peak, where model hosts and Ray Data tasks needed it."""
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(libc).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to do
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc's where it is glibc
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         pass
 
 

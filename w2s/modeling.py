@@ -6,6 +6,7 @@ response tokens only and the log-softmax is computed in float32 even when the mo
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,14 +327,20 @@ def token_logprobs(model, batch: TokenizedBatch) -> torch.Tensor:
 def _keeps_logits_by_mask(model) -> bool:
     """Whether the model (under its DeepSpeed / peft wrappers) computes logits only at the positions of a boolean
     `logits_to_keep` mask: transformers models whose forward slices with `slice_logits_to_keep`."""
+    model = getattr(model, "module", model)  # the DeepSpeed engine
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return _class_keeps_logits_by_mask(type(model))
+
+
+@functools.cache
+def _class_keeps_logits_by_mask(model_class: type) -> bool:
+    """Once per model class: token_logprobs asks for every micro-batch."""
     import inspect
     import sys
 
-    model = getattr(model, "module", model)  # the DeepSpeed engine
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    module = sys.modules.get(type(model).__module__)
+    module = sys.modules.get(model_class.__module__)
     return (hasattr(module, "slice_logits_to_keep")
-            and "logits_to_keep" in inspect.signature(type(model).forward).parameters)
+            and "logits_to_keep" in inspect.signature(model_class.forward).parameters)
 
 
 LOG_SOFTMAX_CHUNK = 2**25  # float32 logits converted at a time (128 MiB): a few rows of a 150k vocabulary
