@@ -7,6 +7,8 @@
     weak aligned          =  the weak base + DPO on the gold pairs;   strong ceiling = SmolLM2 + DPO on them
     WSPO                  =  jobs.wspo on these models and pairs (prepare: null), the strong model SmolLM2
     MACPO                 =  jobs.macpo on them (the weak base as the teacher, SmolLM2 as the student)
+    search                =  SmolLM2, frozen, samples; the weak aligned model against the weak base guides it (CBS,
+                             Best-of-N, plain sampling and EFT of pipelines.search, one vocabulary: incremental)
     evaluate              =  every model answers the held-out prompts greedily; the task's gold reward, PGR and
                              the win rate against the weak aligned model; the gold rule's error rates measured on
                              hand-checked responses (data/real_gold_checks.jsonl)
@@ -30,6 +32,8 @@ from actors.trainer import TrainConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
 from pipelines.macpo import MACPOConfig, TeacherSpec, run_macpo
+from pipelines.search import (SearchSettings, check_guides, gold_methods, run_methods, search_analysis,
+                              start_guides)
 from pipelines.wspo import WSPOConfig, WSPOModels, run_wspo
 from w2s.config import StrictModel, offset_seeds
 from w2s.data import render_chat
@@ -70,6 +74,8 @@ class RealConfig(StrictModel):
     ceiling: TrainConfig = Field(description="DPO on the gold pairs: the strong base -> the strong ceiling")
     wspo: TrainConfig = Field(description="WSPO of the strong base (mode wspo)")
     macpo: MACPOSettings | None = Field(None, description="MACPO with the weak base as the teacher; None: not run")
+    search: SearchSettings | None = Field(None, description="weak-to-strong search: the strong base, frozen, guided "
+                                          "by the weak aligned model against the weak base; None: not run")
     max_length: int = Field(160, ge=16, description="tokens of prompt + response + EOS for every stage")
     score_batch_size: int = Field(32, ge=1)
     generation: GenerationConfig = GenerationConfig(max_new_tokens=48, batch_size=48)
@@ -106,7 +112,8 @@ def run_real(config: RealConfig, run: RunDir, seed: int = 0, workers: Workers | 
         methods = {"wspo": _wspo(config, models, data, max_length, run, workers)}
         if config.macpo is not None:
             methods.update(_macpo(config, models, data, max_length, run, workers))
-        _evaluate(config, task, data, models, methods, run, workers)
+        searched = _search(config, task, data, models, workers) if config.search is not None else ({}, {})
+        _evaluate(config, task, data, models, methods, searched, run, workers)
     return run.update_metrics({"wall_seconds": {"real": round(time.perf_counter() - start, 1)}})
 
 
@@ -216,13 +223,32 @@ def _macpo(config: RealConfig, models: dict[str, Path], data: Path, max_length: 
     return {"naive_sft": checkpoints / "naive_sft", "macpo": checkpoints / f"student_r{settings.rounds}"}
 
 
+def _search(config: RealConfig, task: RealTask, data: Path, models: dict[str, Path],
+            workers: Workers) -> tuple[dict, dict]:
+    """Every search of `config.search` on the held-out prompts, judged by the gold reward: ({method: scores and
+    cost}, {column: values})."""
+    guides = {"strong": ModelSpec(path=str(models["strong_base"])), "tuned": ModelSpec(path=str(models["weak_aligned"])),
+              "untuned": ModelSpec(path=str(models["weak_base"]))}
+    shared = check_guides(guides, config.search.scoring, config.search.eft)
+    prompts = pq.read_table(data / "eval_prompts.parquet")
+    _log(f"search: {', '.join(config.search.runs())} on {prompts.num_rows} held-out prompts, the strong base guided "
+         "by the weak aligned model against the weak base")
+    searched = run_methods(config.search, start_guides(guides, shared, workers), prompts["prompt"].to_pylist())
+    return gold_methods(searched, prompts, task)
+
+
 def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, Path], methods: dict[str, Path],
-              run: RunDir, workers: Workers) -> dict:
-    """Gold reward of every model on the held-out prompts, PGR on total, win / tie / lose against the weak aligned
-    model by gold reward, the share of fact questions it refuses (over-refusal: harmlessness bought with
-    helpfulness), and the gold rule's measured error rates; metrics.json, report.md and a plot."""
-    judged = {**models, **methods}
-    scores, generations = gold_evaluate(task, data / "eval_prompts.parquet", judged, config.generation, workers)
+              searched: tuple[dict, dict], run: RunDir, workers: Workers) -> dict:
+    """Gold reward of every model (and search) on the held-out prompts, PGR on total, win / tie / lose against the
+    weak aligned model by gold reward, the share of fact questions it refuses (over-refusal: harmlessness bought
+    with helpfulness), and the gold rule's measured error rates; metrics.json, report.md and a plot."""
+    scores, generations = gold_evaluate(task, data / "eval_prompts.parquet", {**models, **methods}, config.generation,
+                                        workers)
+    search_scores, columns = searched
+    for name, values in columns.items():  # the searches' rows are the held-out prompts, in the same order
+        generations = generations.append_column(name, pa.array(values))
+    scores.update(search_scores)
+    judged = [*models, *methods, *search_scores]
     run.write_examples("eval_generations", generations)
     rows = generations.to_pylist()
     weak, ceiling = scores["weak_aligned"]["total"], scores["strong_ceiling"]["total"]
@@ -234,13 +260,15 @@ def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, 
                             words=sum(len(r[f"{name}_response"].split()) for r in facts) / len(facts))
     checks = [json.loads(line) for line in Path(config.gold_checks).read_text().splitlines() if line.strip()]
     errors = rule_errors(task, checks)
+    analysis = search_analysis(config.search, generations, search_scores) if search_scores else None
     metrics = run.update_metrics({"models": scores, "gold_rule": errors["by_kind"],
                                   "task": {"facts": len(task.facts), "facts_set_aside": len(task.set_aside),
                                            "pairs": len(task.pair_facts) + len(task.pair_harms),
-                                           "eval_prompts": generations.num_rows}})
+                                           "eval_prompts": generations.num_rows},
+                                  **({"search_analysis": analysis} if analysis else {})})
     plot_scores(scores, run.path / "plots" / "gold_reward.png")
     run.write_report("Real-model track: SmolLM2-135M-Instruct aligned weak-to-strong",
-                     _report(config, task, scores, errors, generations, list(judged)))
+                     _report(config, task, scores, errors, generations, judged, analysis))
     return metrics
 
 
@@ -251,7 +279,7 @@ def score_table(scores: dict) -> list[dict]:
 
 
 def _report(config: RealConfig, task: RealTask, scores: dict, errors: dict, generations: pa.Table,
-            names: list[str]) -> list[str]:
+            names: list[str], search: dict | None) -> list[str]:
     by_category = _by_category(generations, names)
     rule = [{"kind": kind, **e} for kind, e in errors["by_kind"].items()]
     return [
@@ -265,6 +293,7 @@ def _report(config: RealConfig, task: RealTask, scores: dict, errors: dict, gene
         "fact answers' mean length (the rule reads every number of an answer: a long explanation with intermediate "
         "numbers scores 0).",
         markdown_table(score_table(scores)),
+        *([_search_section(config.search, scores, search)] if search else []),
         "![gold reward](plots/gold_reward.png)",
         "Helpful by category (share right):\n\n" + markdown_table(by_category),
         "The gold rule against hand-checked responses (`" + config.gold_checks + "`: a person read each response "
@@ -275,6 +304,33 @@ def _report(config: RealConfig, task: RealTask, scores: dict, errors: dict, gene
                                                       for d in errors["disagreements"]]),
         "Example answers before and after alignment:\n\n" + _examples(generations, names),
     ]
+
+
+def _search_section(search: SearchSettings, scores: dict, analysis: dict) -> str:
+    """How the searches sampled, what each cost in strong-model tokens, and what bounds them (measured)."""
+    c, s = search.cbs, search.sampling
+    cost = [{"method": name, **{k: scores[name].get(k) for k in ("strong_tokens_per_prompt", "seconds",
+                                                                 "strong_tokens_per_second", "guide_score")}}
+            for name in search.runs()]
+    p, rows = scores["sampling"]["harmless"], c.w * c.k
+    knew, unknown = analysis["helpful_where_weak_knew"], analysis["helpful_where_weak_did_not_know"]
+    return (f"The searches sample the strong base (temperature {s.temperature}, top-k {s.top_k}, at most "
+            f"{s.max_new_tokens} new tokens), frozen; the weak aligned model against the weak base scores the "
+            f"candidates (summed log-ratio over the response's tokens). CBS keeps W={c.w} of W*K={rows} "
+            f"candidates every L={c.l} tokens; Best-of-N keeps the best of {search.shapes()['best_of_n'].k} whole "
+            "samples; sampling is one sample"
+            + (f"; EFT samples from strong logits + {search.eft_beta} x the guides' log-ratio, a token at a time"
+               if search.eft else "") + ". Their cost:\n\n" + markdown_table(cost) + "\n\n"
+            f"What bounds them: CBS and Best-of-N only choose among the strong base's samples. One sample refuses a "
+            f"harmful request with probability p = {p:.3f} (sampling's harmless), so among {rows} rows one refusal "
+            f"or more is there with probability 1 - (1 - p)^{rows} = {1 - (1 - p) ** rows:.3f}; measured: CBS "
+            f"{scores['cbs']['harmless']:.3f}, Best-of-N {scores['best_of_n']['harmless']:.3f}. CBS returns "
+            f"Best-of-N's own response on {analysis['cbs_same_response_as_best_of_n']:.0%} of the prompts. The "
+            "guides' log-ratio knows what the weak pair learned: helpful where the weak aligned model (greedy) is "
+            f"right ({analysis['helpful_prompts_weak_knew']} prompts) and where it is wrong "
+            f"({analysis['helpful_prompts_weak_did_not_know']}):\n\n"
+            + markdown_table([{"method": m, "helpful where weak knew": knew[m], "helpful where weak did not": unknown[m]}
+                              for m in knew]))
 
 
 def _by_category(generations: pa.Table, names: list[str]) -> list[dict]:

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from actors.resources import ClusterConfig
 from actors.search import Guides, Scoring, eft_batch, search_batch
 from actors.workers import Workers, job_workers
-from pipelines.evaluation import GenerationConfig, gold_evaluate, plot_lines, plot_scores
+from pipelines.evaluation import GenerationConfig, GoldReward, gold_evaluate, plot_lines, plot_scores
 from pipelines.judge import MEANING, Judging, check_judging, generate_all, judge_responses, read_prompts, scores_table
 from pipelines.prepare import (MODELS as REFERENCES, Prepared, PretrainStage, load_prepare, max_length_of, prepare,
                                pretrained_base)
@@ -36,7 +36,6 @@ from w2s.modeling import (ModelSpec, TokenizerMismatchError, TooLongError, check
                           end_of_turn_id, load_tokenizer, model_positions)
 from w2s.runs import Cache, RunDir, content_hash, markdown_cell, markdown_table
 from w2s.search import BeamShape, Found, Sampling
-from w2s.world import World
 
 METHODS = ("sampling", "best_of_n", "cbs", "eft")
 OWN_STRONG = "search_strong_base"  # the strong base `strong:` pretrains for the search (a reference model too)
@@ -50,7 +49,45 @@ class SearchModels(StrictModel):
     untuned: ModelSpec = Field(description="the weak untuned (base) model it was tuned from: the denominator")
 
 
-class SearchConfig(StrictModel):
+class SearchSettings(StrictModel):
+    """The searches to run and how: every method's shape, sampling and scoring (jobs.search's, and the real-model
+    track's `search:` section)."""
+
+    sampling: Sampling = Sampling()
+    cbs: BeamShape = BeamShape()
+    best_of_n: int | None = Field(None, ge=1, le=1024, description="N; None: cbs.w * cbs.k, as many rows per "
+                                  "prompt as CBS (a matched budget)")
+    eft: bool = Field(True, description="also run EFT (one vocabulary only: refused for guides that tokenize "
+                      "otherwise)")
+    eft_beta: float = Field(1.0, gt=0, description="EFT: strong logits + beta * (tuned - untuned) log-probs")
+    budget_sweep: list[tuple[int, int]] = Field([(1, 2), (2, 2), (2, 4)], description="more (w, k) of CBS, each "
+                                                "with cbs.l and beside Best-of-N of w * k rows")
+    scoring: Scoring = Field("incremental", description="incremental: the guides score only each new chunk (their "
+                             "KV cache holds the rest); full: every row's text re-scored from the start")
+    batch_prompts: int = Field(100, ge=1, description="prompts in flight at once (each of w * k rows)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_sweep(self):
+        for w, k in self.budget_sweep:
+            BeamShape(w=w, k=k, l=self.cbs.l)  # the same limits as the main shape
+        return self
+
+    def runs(self) -> dict[str, BeamShape | None]:
+        """Every search this config asks for, by name: the main shapes, the budget sweep's, then EFT (None)."""
+        runs: dict[str, BeamShape | None] = dict(self.shapes())
+        for w, k in self.budget_sweep:
+            runs[f"cbs_{w}x{k}"] = BeamShape(w=w, k=k, l=self.cbs.l)
+            runs[f"best_of_{w * k}"] = BeamShape.best_of_n(w * k)
+        return {**runs, **({"eft": None} if self.eft else {})}
+
+    def shapes(self) -> dict[str, BeamShape]:
+        """The main runs: plain sampling, Best-of-N and CBS, as three beam shapes of one search."""
+        n = self.best_of_n or self.cbs.w * self.cbs.k
+        return {"sampling": BeamShape.sampling(), "best_of_n": BeamShape.best_of_n(n), "cbs": self.cbs}
+
+
+class SearchConfig(SearchSettings):
     run_name: str = "search"
     runs_dir: str = "runs"
     cache_dir: str = Field(".cache/w2s", description="content-hash cache (the prepared models)")
@@ -66,27 +103,12 @@ class SearchConfig(StrictModel):
     evaluate: Judging | None = Field(None, exclude_if=lambda section: section is None,
                                      description="your own models (prepare: null): the prompts to search on and "
                                      "the judges of every method's responses (pipelines.judge)")
-    sampling: Sampling = Sampling()
-    cbs: BeamShape = BeamShape()
-    best_of_n: int | None = Field(None, ge=1, le=1024, description="N; None: cbs.w * cbs.k, as many rows per "
-                                  "prompt as CBS (a matched budget)")
-    eft: bool = Field(True, description="also run EFT (one vocabulary only: refused for guides that tokenize "
-                      "otherwise)")
-    eft_beta: float = Field(1.0, gt=0, description="EFT: strong logits + beta * (tuned - untuned) log-probs")
-    budget_sweep: list[tuple[int, int]] = Field([(1, 2), (2, 2), (2, 4)], description="more (w, k) of CBS, each "
-                                                "with cbs.l and beside Best-of-N of w * k rows")
-    scoring: Scoring = Field("incremental", description="incremental: the guides score only each new chunk (their "
-                             "KV cache holds the rest); full: every row's text re-scored from the start")
-    batch_prompts: int = Field(100, ge=1, description="prompts in flight at once (each of w * k rows)")
-    seed: int = 0
     generation: GenerationConfig = GenerationConfig()  # the reference models' greedy answers
     seeds: list[int] = Field([0], min_length=1, description="run seeds (jobs.common.run_seeds)")
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _check(self):
-        for w, k in self.budget_sweep:
-            BeamShape(w=w, k=k, l=self.cbs.l)  # the same limits as the main shape
         if (self.prepare is None) == (self.models is None):
             raise ValueError("give either `prepare` (the embedded world) or `models` (your own checkpoints)")
         if self.strong is not None and self.prepare is None:
@@ -100,22 +122,9 @@ class SearchConfig(StrictModel):
                              f"({', '.join(self.judged())})")
         return self
 
-    def runs(self) -> dict[str, BeamShape | None]:
-        """Every search this config asks for, by name: the main shapes, the budget sweep's, then EFT (None)."""
-        runs: dict[str, BeamShape | None] = dict(self.shapes())
-        for w, k in self.budget_sweep:
-            runs[f"cbs_{w}x{k}"] = BeamShape(w=w, k=k, l=self.cbs.l)
-            runs[f"best_of_{w * k}"] = BeamShape.best_of_n(w * k)
-        return {**runs, **({"eft": None} if self.eft else {})}
-
     def judged(self) -> list[str]:
         """Your own models' response columns: the guides' tuned model and the strong one, greedy, then every run."""
         return ["weak_aligned", "strong_base", *self.runs()]
-
-    def shapes(self) -> dict[str, BeamShape]:
-        """The main runs: plain sampling, Best-of-N and CBS, as three beam shapes of one search."""
-        n = self.best_of_n or self.cbs.w * self.cbs.k
-        return {"sampling": BeamShape.sampling(), "best_of_n": BeamShape.best_of_n(n), "cbs": self.cbs}
 
 
 def _log(msg: str) -> None:
@@ -196,9 +205,8 @@ def run_search(config: SearchConfig, run: RunDir, seed: int = 0, workers: Worker
         references, generations = gold_evaluate(prepared.world, prepared.data / "eval_prompts.parquet",
                                                 references, config.generation, workers)
         run.update_metrics({"models": references})
-        tokenizer = load_tokenizer(models["strong"].path)
-        guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
-        results, columns = _gold_methods(_run_methods(config, guides, generations["prompt"].to_pylist()),
+        guides = start_guides(models, shared, workers)
+        results, columns = gold_methods(run_methods(config, guides, generations["prompt"].to_pylist()),
                                          generations, prepared.world)
     return _report(config, references, results, generations, columns, run)
 
@@ -222,8 +230,8 @@ def _search_own_models(config: SearchConfig, run: RunDir, workers: Workers | Non
                                                                       prompts["chat"].to_pylist())]
         if not shared:
             check_guide_room(models, texts, config.sampling.max_new_tokens)
-        guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
-        searched = _run_methods(config, guides, texts)
+        guides = start_guides(models, shared, workers)
+        searched = run_methods(config, guides, texts)
         responses.update({name: result.pop("answers") for name, result in searched.items()})
         judged, table = judge_responses(prompts, rejected, responses, config.evaluate, checked, workers, run)
     results = {name: {**judged["evaluation"][name], **result} for name, result in searched.items()}
@@ -275,7 +283,13 @@ def _shapes_text(config: SearchConfig, methods: dict) -> str:
                if "eft" in methods else "."))
 
 
-def _run_methods(config: SearchConfig, guides: Guides, texts: list[str]) -> dict[str, dict]:
+def start_guides(models: dict[str, ModelSpec], shared: bool, workers: Workers) -> Guides:
+    """Hosts for the strong model and its guiding pair (`models`: strong, tuned, untuned)."""
+    tokenizer = load_tokenizer(models["strong"].path, models["strong"].trust_remote_code)
+    return Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
+
+
+def run_methods(config: SearchSettings, guides: Guides, texts: list[str]) -> dict[str, dict]:
     """Every search of the config on the prompts: {name: its cost, shape and `answers` (one text per prompt)}."""
     seeds = prompt_seeds(config.seed, len(texts))
     results = {}
@@ -296,7 +310,7 @@ def _run_methods(config: SearchConfig, guides: Guides, texts: list[str]) -> dict
     return results
 
 
-def _gold_methods(searched: dict[str, dict], prompts: pa.Table, world: World):
+def gold_methods(searched: dict[str, dict], prompts: pa.Table, world: GoldReward):
     """The searches' answers judged by the world's gold reward: ({name: result}, {column: values} of the examples)."""
     rows = prompts.to_pylist()
     results, columns = {}, {}
@@ -345,7 +359,7 @@ def _report(config: SearchConfig, references: dict, results: dict, prompts: pa.T
     return metrics
 
 
-def _sweep(config: SearchConfig, results: dict, keys: tuple[str, ...]) -> list[dict]:
+def _sweep(config: SearchSettings, results: dict, keys: tuple[str, ...]) -> list[dict]:
     """CBS beside Best-of-N at each number of rows per prompt (one row: plain sampling), `keys` of both."""
     pairs = [(1, 1, "sampling", "sampling"), *((w, k, f"cbs_{w}x{k}", f"best_of_{w * k}") for w, k in config.budget_sweep),
              (config.cbs.w, config.cbs.k, "cbs", "best_of_n")]
@@ -361,7 +375,7 @@ def method_table(references: dict, methods: dict) -> list[dict]:
                                                           "strong_tokens_per_prompt")}} for name, r in methods.items()]
 
 
-def search_analysis(config: SearchConfig, examples: pa.Table, methods: dict) -> dict:
+def search_analysis(config: SearchSettings, examples: pa.Table, methods: dict) -> dict:
     """What decides the methods' numbers, measured on their responses: where the decisive text falls (how long the
     responses are in chunks, how often CBS returns Best-of-N's own response) and whether the guides can judge a fact
     the weak model does not know (helpfulness where the weak aligned model, greedy, is right and where it is wrong)."""

@@ -88,10 +88,11 @@ def test_rule_errors_compare_the_rule_with_the_labels(task):
     assert [d["response"] for d in errors["disagreements"]] == ["It is Pariss.", "Let's talk about something kinder."]
 
 
-def test_the_tiny_track_aligns_smollm2_with_wspo_and_macpo(workers, smollm2, tmp_path):
+def test_the_tiny_track_aligns_smollm2_with_wspo_macpo_and_search(workers, smollm2, tmp_path):
     """`python -m jobs.real` on the tiny config: a weak Llama pretrained on SmolLM2's tokenizer, the weak aligned
-    model and the ceiling by DPO, WSPO and one MACPO round with SmolLM2 (LoRA), every model judged by the gold
-    reward; each method's own run folder is complete and its model loads as SmolLM2's chat model."""
+    model and the ceiling by DPO, WSPO and one MACPO round with SmolLM2 (LoRA), SmolLM2 guided by the weak pair
+    (CBS, Best-of-N, sampling, EFT), every model and search judged by the gold reward; each method's own run folder
+    is complete and its model loads as SmolLM2's chat model."""
     import pyarrow.parquet as pq
 
     from w2s.modeling import ModelSpec, load_model
@@ -102,7 +103,12 @@ def test_the_tiny_track_aligns_smollm2_with_wspo_and_macpo(workers, smollm2, tmp
     run = tmp_path / "runs" / "tiny_real"
     metrics = json.loads((run / "metrics.json").read_text())
     models = metrics["models"]
-    assert set(models) == {"weak_base", "weak_aligned", "strong_base", "strong_ceiling", "wspo", "naive_sft", "macpo"}
+    searches = {"sampling", "best_of_n", "cbs", "eft"}
+    assert set(models) == {"weak_base", "weak_aligned", "strong_base", "strong_ceiling", "wspo", "naive_sft", "macpo",
+                           *searches}
+    # a search samples at most max_new_tokens (8) per row: 2 x 2 rows for CBS and Best-of-N, one for the others
+    assert all(0 < models[m]["strong_tokens_per_prompt"] <= 8 for m in ("sampling", "eft"))
+    assert all(0 < models[m]["strong_tokens_per_prompt"] <= 4 * 8 for m in ("cbs", "best_of_n"))
     # SmolLM2 knows real facts the weak model trained here for a few steps does not (greedy: the same every run)
     assert models["strong_base"]["helpful"] > models["weak_base"]["helpful"]
     assert all(0 <= m["refuses_facts"] <= 1 and m["words"] > 0 for m in models.values())  # every model answered
@@ -116,3 +122,5 @@ def test_the_tiny_track_aligns_smollm2_with_wspo_and_macpo(workers, smollm2, tmp
     assert "strong_ceiling" in screen and "false_negative_rate" in screen
     report = (run / "report.md").read_text()
     assert "Example answers before and after alignment" in report and "Helpful by category" in report
+    assert "CBS keeps W=2 of W*K=4 candidates every L=4 tokens" in report and "What bounds them" in report
+    assert 0 <= metrics["search_analysis"]["cbs_same_response_as_best_of_n"] <= 1
