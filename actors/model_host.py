@@ -187,9 +187,11 @@ class HostPool:
         self._held: dict[int, dict] = {}  # actor index -> the model it holds (or last loaded)
         self._fingerprints: dict[tuple, str] = {}  # (path, size, mtime of its files) -> weights fingerprint
 
-    def hosts(self, models: dict[str, ModelSpec]) -> dict[str, HostRef]:
+    def hosts(self, models: dict[str, ModelSpec], alone: tuple[str, ...] = ()) -> dict[str, HostRef]:
         """A host for every role of `models`, each loaded with its model; roles with the same weights share
-        one host, and a model a host already holds stays where it is (no reload)."""
+        one host, and a model a host already holds stays where it is (no reload). On CPUs the node's CPUs are
+        shared as torch threads among the hosts; a role in `alone` computes only while the others wait (a
+        search's strong model samples, then its guides score), so its host gets all of them."""
         wanted = {role: self._described(spec) for role, spec in models.items()}
         canonical: dict[tuple, dict] = {}  # one description per distinct model: the one a host holds, if any
         for model in wanted.values():
@@ -207,9 +209,10 @@ class HostPool:
                 self._held[placed[key]] = model
         self._wait_placed(range(running, len(self._actors)))  # the hosts started just now
         # load everything at once (hosts work in parallel); a model that cannot load fails here
-        # the node's CPUs shared among this stage's hosts, named in every call (HostRef)
-        threads = self._threads(len(canonical))
-        named = {key: {**model, "threads": threads} for key, model in canonical.items()}
+        # the node's CPUs shared among this stage's hosts that compute at once, named in every call (HostRef)
+        sharing = {_key(model) for role, model in wanted.items() if role not in alone}
+        shared, solo = self._threads(max(1, len(sharing))), self._threads(1)
+        named = {key: {**model, "threads": shared if key in sharing else solo} for key, model in canonical.items()}
         ray.get([self._actors[placed[key]].load.remote(model) for key, model in named.items()])
         return {role: HostRef(self._actors[placed[_key(m)]], named[_key(m)]) for role, m in wanted.items()}
 

@@ -24,6 +24,7 @@ from w2s.search import BeamShape, Chunk, Found, Sampling, chunk_beam_search
 
 Scoring = Literal["incremental", "full"]
 ROLES = ("strong", "tuned", "untuned")
+ALONE = ("strong",)  # it samples while the guides wait, and they score while it waits: its host takes every CPU
 _searches = itertools.count()
 
 

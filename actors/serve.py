@@ -189,12 +189,12 @@ class GuidedCompletions:
 
     def __init__(self, config: ServeConfig):
         from actors.model_host import HostPool
-        from actors.search import ROLES, Guides
+        from actors.search import ALONE, ROLES, Guides
         from w2s.modeling import end_of_turn_id, load_tokenizer
 
         self.config, self.tokenizer = config, load_tokenizer(config.strong.path)
         self.pool = HostPool(max_hosts=len(ROLES), resources=config.hosts)
-        hosts = self.pool.hosts({r: getattr(config, r) for r in ROLES})
+        hosts = self.pool.hosts({r: getattr(config, r) for r in ROLES}, alone=ALONE)
         self.guides = Guides(hosts, self.tokenizer, end_of_turn_id(self.tokenizer), True)
         self.search_batch = serve.batch(max_batch_size=config.max_batch_size,
                                         batch_wait_timeout_s=config.batch_wait_timeout_s)(self._searches)

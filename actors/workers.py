@@ -35,11 +35,11 @@ class Workers:
         self.trainers = TrainingWorkers(train_storage, cluster.train, cluster.wait_s, max_train_groups)
         self.take_turns = cluster.hosts.gpus > 0 and cluster.train.use_gpu
 
-    def host(self, models: dict[str, ModelSpec]) -> dict[str, HostRef]:
-        """Hosts holding `models` (HostPool.hosts)."""
+    def host(self, models: dict[str, ModelSpec], alone: tuple[str, ...] = ()) -> dict[str, HostRef]:
+        """Hosts holding `models` (HostPool.hosts; `alone`: roles that compute while the others wait)."""
         if self.take_turns:
             self.trainers.shutdown()
-        return self.hosts.hosts(models)
+        return self.hosts.hosts(models, alone)
 
     def generate(self, prompts: pa.Table, models: dict[str, ModelSpec], batch_size: int = 64,
                  **generation) -> pa.Table:

@@ -59,12 +59,13 @@ def official_style(models: dict, positions: int, prompt: str, seed: int, shape: 
 
 def compare(prompts: list[str], seeds: list[int], models: dict[str, ModelSpec], shape: BeamShape, sampling: Sampling,
             batch: int, workers) -> dict:
-    from actors.search import Guides, search_batch
-    from w2s.modeling import end_of_turn_id, load_model, model_positions
+    from actors.search import search_batch
+    from pipelines.search import start_guides
+    from w2s.modeling import load_model, model_positions
 
     local = {role: load_model(spec) for role, spec in models.items()}  # the official-style loop's, in this process
-    tokenizer, positions = local["strong"][1], min(model_positions(spec.path) for spec in models.values())
-    guides = Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), True)
+    positions = min(model_positions(spec.path) for spec in models.values())
+    guides = start_guides(models, True, workers)
     search_batch(guides, prompts[:2], seeds[:2], shape, sampling)  # warm-up: hosts loaded, first calls made
     start = time.perf_counter()
     pipeline = []

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from actors.resources import ClusterConfig
-from actors.search import Guides, Scoring, eft_batch, search_batch
+from actors.search import ALONE, Guides, Scoring, eft_batch, search_batch
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, GoldReward, gold_evaluate, plot_lines, plot_scores
 from pipelines.judge import MEANING, Judging, check_judging, generate_all, judge_responses, read_prompts, scores_table
@@ -286,7 +286,7 @@ def _shapes_text(config: SearchConfig, methods: dict) -> str:
 def start_guides(models: dict[str, ModelSpec], shared: bool, workers: Workers) -> Guides:
     """Hosts for the strong model and its guiding pair (`models`: strong, tuned, untuned)."""
     tokenizer = load_tokenizer(models["strong"].path, models["strong"].trust_remote_code)
-    return Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), shared)
+    return Guides(workers.host(models, alone=ALONE), tokenizer, end_of_turn_id(tokenizer), shared)
 
 
 def run_methods(config: SearchSettings, guides: Guides, texts: list[str]) -> dict[str, dict]:

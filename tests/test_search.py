@@ -82,12 +82,23 @@ def test_best_of_n_and_sampling_are_one_chunk():
 @pytest.fixture(scope="module")
 def tiny_search(workers, tiny_guide_models):
     """The tiny world's strong base and its guides (weak aligned, weak base) on hosts, its held-out prompts."""
-    from actors.search import Guides
-    from w2s.modeling import end_of_turn_id, load_tokenizer
+    from pipelines.search import start_guides
 
     models, prompts = tiny_guide_models
-    tokenizer = load_tokenizer(models["strong"].path)
-    return Guides(workers.host(models), tokenizer, end_of_turn_id(tokenizer), True), models, prompts[:8]
+    return start_guides(models, True, workers), models, prompts[:8]
+
+
+def test_the_strong_host_takes_every_cpu_and_the_guides_share_them(tiny_search):
+    """The strong model samples while its guides wait and they score while it waits: its host gets the (test)
+    cluster's 4 CPUs as torch threads, the two guides 2 each (never more than the machine has)."""
+    import os
+
+    import ray
+
+    guides, _, _ = tiny_search
+    threads = {role: ray.get(ref.actor.where.remote())["threads"] for role, ref in guides.hosts.items()}
+    assert threads == {"strong": min(4, os.cpu_count()), "tuned": min(2, os.cpu_count()),
+                       "untuned": min(2, os.cpu_count())}
 
 
 def _local(spec):
