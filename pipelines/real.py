@@ -19,14 +19,18 @@ Every stage is cached by content; the method runs live in the run folder (wspo/,
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 from pydantic import Field, model_validator
 
 from actors.resources import ClusterConfig
+from actors.search import ROLES, Guides
 from actors.stages import score_preferences
 from actors.trainer import TrainConfig
 from actors.workers import Workers, job_workers
@@ -40,7 +44,7 @@ from w2s.data import render_chat
 from w2s.metrics import pgr, verdict_by_reward, verdict_shares
 from w2s.modeling import (LlamaSize, ModelSpec, init_llama, load_tokenizer, model_positions, resolve_max_length,
                           weights_fingerprint)
-from w2s.real_task import RealTask, RealTaskConfig, is_refusal, rule_errors
+from w2s.real_task import REFUSAL, RealTask, RealTaskConfig, is_refusal, rule_errors
 from w2s.runs import Cache, RunDir, content_hash, file_hash, markdown_cell, markdown_table
 from w2s.smollm2 import DEFAULT_DIR, convert
 
@@ -112,7 +116,7 @@ def run_real(config: RealConfig, run: RunDir, seed: int = 0, workers: Workers | 
         methods = {"wspo": _wspo(config, models, data, max_length, run, workers)}
         if config.macpo is not None:
             methods.update(_macpo(config, models, data, max_length, run, workers))
-        searched = _search(config, task, data, models, workers) if config.search is not None else ({}, {})
+        searched = _search(config, task, data, models, workers) if config.search is not None else ({}, {}, {})
         _evaluate(config, task, data, models, methods, searched, run, workers)
     return run.update_metrics({"wall_seconds": {"real": round(time.perf_counter() - start, 1)}})
 
@@ -224,27 +228,41 @@ def _macpo(config: RealConfig, models: dict[str, Path], data: Path, max_length: 
 
 
 def _search(config: RealConfig, task: RealTask, data: Path, models: dict[str, Path],
-            workers: Workers) -> tuple[dict, dict]:
+            workers: Workers) -> tuple[dict, dict, dict]:
     """Every search of `config.search` on the held-out prompts, judged by the gold reward: ({method: scores and
-    cost}, {column: values})."""
-    guides = {"strong": ModelSpec(path=str(models["strong_base"])), "tuned": ModelSpec(path=str(models["weak_aligned"])),
-              "untuned": ModelSpec(path=str(models["weak_base"]))}
-    shared = check_guides(guides, config.search.scoring, config.search.eft)
+    cost}, {column: values}, what the guides make of a refusal: _refusal_odds)."""
+    specs = {"strong": ModelSpec(path=str(models["strong_base"])), "tuned": ModelSpec(path=str(models["weak_aligned"])),
+             "untuned": ModelSpec(path=str(models["weak_base"]))}
+    shared = check_guides(specs, config.search.scoring, config.search.eft)
     prompts = pq.read_table(data / "eval_prompts.parquet")
     _log(f"search: {', '.join(config.search.runs())} on {prompts.num_rows} held-out prompts, the strong base guided "
          "by the weak aligned model against the weak base")
-    searched = run_methods(config.search, start_guides(guides, shared, workers), prompts["prompt"].to_pylist())
-    return gold_methods(searched, prompts, task)
+    guides = start_guides(specs, shared, workers)
+    searched = run_methods(config.search, guides, prompts["prompt"].to_pylist())
+    return *gold_methods(searched, prompts, task), _refusal_odds(guides, prompts)
+
+
+def _refusal_odds(guides: Guides, prompts: pa.Table) -> dict:
+    """Where the searches' harmlessness is decided, measured: the task's refusal after each held-out harmful
+    request, its first token's log-prob under the strong base, and the guides' log-ratio for that token and for
+    the whole refusal (what CBS and Best-of-N select by; EFT adds beta x the token's ratio to its logit)."""
+    harmful = [r["prompt"] for r in prompts.to_pylist() if r["kind"] == "harmful"]
+    strong, tuned, untuned = (logps.to_pylist() for logps in ray.get(
+        [guides.hosts[role].logprobs(harmful, [REFUSAL] * len(harmful)) for role in ROLES]))
+    first_ratio = [t[0] - u[0] for t, u in zip(tuned, untuned)]
+    return {"harmful_prompts": len(harmful), "strong_first_token_logp": float(np.mean([s[0] for s in strong])),
+            "guides_first_token_log_ratio": float(np.mean(first_ratio)),
+            "guides_refusal_log_ratio": float(np.mean([sum(t) - sum(u) for t, u in zip(tuned, untuned)]))}
 
 
 def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, Path], methods: dict[str, Path],
-              searched: tuple[dict, dict], run: RunDir, workers: Workers) -> dict:
+              searched: tuple[dict, dict, dict], run: RunDir, workers: Workers) -> dict:
     """Gold reward of every model (and search) on the held-out prompts, PGR on total, win / tie / lose against the
     weak aligned model by gold reward, the share of fact questions it refuses (over-refusal: harmlessness bought
     with helpfulness), and the gold rule's measured error rates; metrics.json, report.md and a plot."""
     scores, generations = gold_evaluate(task, data / "eval_prompts.parquet", {**models, **methods}, config.generation,
                                         workers)
-    search_scores, columns = searched
+    search_scores, columns, refusal = searched
     for name, values in columns.items():  # the searches' rows are the held-out prompts, in the same order
         generations = generations.append_column(name, pa.array(values))
     scores.update(search_scores)
@@ -260,7 +278,7 @@ def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, 
                             words=sum(len(r[f"{name}_response"].split()) for r in facts) / len(facts))
     checks = [json.loads(line) for line in Path(config.gold_checks).read_text().splitlines() if line.strip()]
     errors = rule_errors(task, checks)
-    analysis = search_analysis(config.search, generations, search_scores) if search_scores else None
+    analysis = {**search_analysis(config.search, generations, search_scores), "refusal": refusal} if refusal else None
     metrics = run.update_metrics({"models": scores, "gold_rule": errors["by_kind"],
                                   "task": {"facts": len(task.facts), "facts_set_aside": len(task.set_aside),
                                            "pairs": len(task.pair_facts) + len(task.pair_harms),
@@ -330,7 +348,19 @@ def _search_section(search: SearchSettings, scores: dict, analysis: dict) -> str
             f"right ({analysis['helpful_prompts_weak_knew']} prompts) and where it is wrong "
             f"({analysis['helpful_prompts_weak_did_not_know']}):\n\n"
             + markdown_table([{"method": m, "helpful where weak knew": knew[m], "helpful where weak did not": unknown[m]}
-                              for m in knew]))
+                              for m in knew]) + "\n\n" + _refusal_text(search, analysis["refusal"]))
+
+
+def _refusal_text(search: SearchSettings, refusal: dict) -> str:
+    logp, ratio = refusal["strong_first_token_logp"], refusal["guides_first_token_log_ratio"]
+    odds = math.exp(search.eft_beta * ratio / search.sampling.temperature)
+    return (f"The decisive token, measured on the {refusal['harmful_prompts']} held-out harmful requests: the strong "
+            f"base gives the first token of the task's refusal (\"{REFUSAL}\") log p = {logp:.2f} on average (p = "
+            f"{math.exp(logp):.3f}); the guides' log-ratio for that token is {ratio:+.2f} nats "
+            f"({refusal['guides_refusal_log_ratio']:+.2f} over the whole refusal). CBS and Best-of-N can rank a "
+            f"refusal first only when the strong base samples one; EFT adds {search.eft_beta} x {ratio:.2f} to that "
+            f"token's logit, which at temperature {search.sampling.temperature} multiplies its odds by {odds:.1f}. "
+            "WSPO regresses the strong model's log-ratio onto the weak one divided by gamma: the same signal, amplified.")
 
 
 def _by_category(generations: pa.Table, names: list[str]) -> list[dict]:

@@ -124,3 +124,6 @@ def test_the_tiny_track_aligns_smollm2_with_wspo_macpo_and_search(workers, smoll
     assert "Example answers before and after alignment" in report and "Helpful by category" in report
     assert "CBS keeps W=2 of W*K=4 candidates every L=4 tokens" in report and "What bounds them" in report
     assert 0 <= metrics["search_analysis"]["cbs_same_response_as_best_of_n"] <= 1
+    # the refusal's first token measured on both harmful requests: a log-prob, and the guides' ratio for it
+    refusal = metrics["search_analysis"]["refusal"]
+    assert refusal["harmful_prompts"] == 2 and refusal["strong_first_token_logp"] < 0 and "The decisive token" in report
