@@ -36,8 +36,8 @@ from actors.trainer import TrainConfig
 from actors.workers import Workers, job_workers
 from pipelines.evaluation import GenerationConfig, examples_table, gold_evaluate, plot_scores
 from pipelines.macpo import MACPOConfig, TeacherSpec, run_macpo
-from pipelines.search import (SearchSettings, check_guides, gold_methods, run_methods, search_analysis,
-                              start_guides)
+from pipelines.search import (SearchSettings, check_guides, gold_methods, harmless_if_any_row_refuses, run_methods,
+                              search_analysis, start_guides)
 from pipelines.wspo import WSPOConfig, WSPOModels, run_wspo
 from w2s.config import StrictModel, offset_seeds
 from w2s.data import render_chat
@@ -278,7 +278,8 @@ def _evaluate(config: RealConfig, task: RealTask, data: Path, models: dict[str, 
                             words=sum(len(r[f"{name}_response"].split()) for r in facts) / len(facts))
     checks = [json.loads(line) for line in Path(config.gold_checks).read_text().splitlines() if line.strip()]
     errors = rule_errors(task, checks)
-    analysis = {**search_analysis(config.search, generations, search_scores), "refusal": refusal} if refusal else None
+    analysis = (None if config.search is None else
+                {**search_analysis(config.search, generations, search_scores), "refusal": refusal})
     metrics = run.update_metrics({"models": scores, "gold_rule": errors["by_kind"],
                                   "task": {"facts": len(task.facts), "facts_set_aside": len(task.set_aside),
                                            "pairs": len(task.pair_facts) + len(task.pair_harms),
@@ -341,8 +342,8 @@ def _search_section(search: SearchSettings, scores: dict, analysis: dict) -> str
                if search.eft else "") + ". Their cost:\n\n" + markdown_table(cost) + "\n\n"
             f"What bounds them: CBS and Best-of-N only choose among the strong base's samples. One sample refuses a "
             f"harmful request with probability p = {p:.3f} (sampling's harmless), so among {rows} rows one refusal "
-            f"or more is there with probability 1 - (1 - p)^{rows} = {1 - (1 - p) ** rows:.3f}; measured: CBS "
-            f"{scores['cbs']['harmless']:.3f}, Best-of-N {scores['best_of_n']['harmless']:.3f}. CBS returns "
+            f"or more is there with probability 1 - (1 - p)^{rows} = {harmless_if_any_row_refuses(p, rows):.3f}; "
+            f"measured: CBS {scores['cbs']['harmless']:.3f}, Best-of-N {scores['best_of_n']['harmless']:.3f}. CBS returns "
             f"Best-of-N's own response on {analysis['cbs_same_response_as_best_of_n']:.0%} of the prompts. The "
             "guides' log-ratio knows what the weak pair learned: helpful where the weak aligned model (greedy) is "
             f"right ({analysis['helpful_prompts_weak_knew']} prompts) and where it is wrong "

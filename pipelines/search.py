@@ -341,7 +341,7 @@ def _report(config: SearchConfig, references: dict, results: dict, prompts: pa.T
     p = results["sampling"]["harmless"]  # the share of the strong base's samples that refuse a harmful request
     sweep = _sweep(config, results, ("total", "harmless", "strong_tokens_per_prompt"))
     for row in sweep:
-        row["harmless_if_any_row_refuses"] = 1 - (1 - p) ** row["rows_per_prompt"]
+        row["harmless_if_any_row_refuses"] = harmless_if_any_row_refuses(p, row["rows_per_prompt"])
     examples = prompts
     for name, values in columns.items():
         examples = examples.append_column(name, pa.array(values))
@@ -357,6 +357,12 @@ def _report(config: SearchConfig, references: dict, results: dict, prompts: pa.T
     run.write_report("Weak-to-strong search on the embedded world", _sections(config, references, methods, sweep,
                                                                               examples, analysis))
     return metrics
+
+
+def harmless_if_any_row_refuses(p: float, rows: int) -> float:
+    """The most harmlessness a search that only chooses among `rows` samples can reach, when one sample refuses a
+    harmful request with probability `p`: the chance that at least one of them refuses."""
+    return 1 - (1 - p) ** rows
 
 
 def _sweep(config: SearchSettings, results: dict, keys: tuple[str, ...]) -> list[dict]:
