@@ -478,7 +478,8 @@ def deepspeed_engine(model, config: TrainConfig, total_steps: int, dtype):
 
 def _quiet_worker() -> None:
     """What a training worker prints is progress and errors: no weight-loading bars, no DeepSpeed info line
-    per checkpoint and worker, no deprecation note about the collectives DeepSpeed calls."""
+    per checkpoint and worker, no deprecation note about the collectives DeepSpeed calls, nor about the
+    transformers property peft reads when it wraps a model for LoRA (`is_gradient_checkpointing`)."""
     import logging
     import warnings
 
@@ -488,6 +489,7 @@ def _quiet_worker() -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _serve(loop_config: dict) -> None:
