@@ -139,11 +139,12 @@ def official_loop(loop_config: dict) -> None:
     from ray.train.torch import get_device
     from transformers import AutoModelForCausalLM
 
-    from actors.trainer import TrainConfig, _batches, deepspeed_engine
+    from actors.trainer import TrainConfig, _batches, _quiet_worker, deepspeed_engine
     from w2s.data import load_pairs
     from w2s.losses import wspo_loss
     from w2s.modeling import ModelSpec, load_model, load_tokenizer, token_logprobs, tokenize_pairs
 
+    _quiet_worker()  # as the pipeline's workers: no per-step deprecation lines from the collectives
     config = TrainConfig(**loop_config["train"])
     models = loop_config["models"]
     ctx = ray.train.get_context()
