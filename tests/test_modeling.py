@@ -119,14 +119,16 @@ def test_selective_log_softmax_equals_the_full_one_in_value_and_gradient(monkeyp
     assert half.dtype == torch.float32 and torch.allclose(half, full.detach(), atol=0.1)
 
 
-def test_a_token_budget_splits_a_call_into_runs_that_fit():
-    from w2s.modeling import token_budget_batches
+def test_a_call_is_split_into_passes_of_like_length_that_fit_the_token_budget():
+    from w2s.modeling import scoring_runs
 
-    # padded size = rows x longest: 3 rows of 10 fit 40; a 50-token row goes alone; then 2 of 20
-    assert token_budget_batches([10, 10, 10, 50, 20, 20], 40) == [range(0, 3), range(3, 4), range(4, 6)]
-    assert token_budget_batches([5, 30, 5], 40) == [range(0, 1), range(1, 2), range(2, 3)]
-    assert token_budget_batches([8] * 4, 10**6) == [range(0, 4)]
-    assert token_budget_batches([], 40) == []
+    # shortest first; padded size = rows x longest: 3 rows of 10 fit 40, then 2 of 20, and a 50-token row alone
+    assert scoring_runs([10, 10, 10, 50, 20, 20], 40) == [[0, 1, 2], [4, 5], [3]]
+    assert scoring_runs([5, 30, 5], 40) == [[0, 2], [1]]
+    # past 8 rows, a row over 1.25 times the pass's shortest starts the next pass; before, it does not
+    assert scoring_runs([10] * 8 + [13, 12], 10**6) == [[0, 1, 2, 3, 4, 5, 6, 7, 9], [8]]
+    assert scoring_runs([5, 30], 10**6) == [[0, 1]]
+    assert scoring_runs([], 40) == []
 
 
 def test_scoring_under_a_token_budget_gives_the_unsplit_numbers(checkpoints):

@@ -357,19 +357,25 @@ def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return torch.cat(out)
 
 
-def token_budget_batches(lengths: list[int], max_tokens: int) -> list[range]:
-    """Consecutive runs of rows whose padded size (rows x longest) stays within `max_tokens`, in order:
-    a host call of long rows is split instead of materialising [rows, T, vocab] logits at once. A row
+LENGTH_SPREAD = 1.25  # a forward pass's longest row at most this times its shortest, once it has MIN_RUN_ROWS rows
+MIN_RUN_ROWS = 8
+
+
+def scoring_runs(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """The rows of one call grouped into forward passes: sorted by length, a pass ends where its padded size
+    (rows x longest) would pass `max_tokens`, so that a call of long rows never materialises [rows, T, vocab]
+    logits at once, or where a row is over LENGTH_SPREAD times the pass's shortest: rows of like length share a
+    pass, so little of it is padding (a batch of the world's pairs in their own order is 37% padding). A row
     longer than the budget goes alone."""
-    runs, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and max(longest, n) * (i - start + 1) > max_tokens:
-            runs.append(range(start, i))
-            start, longest = i, 0
-        longest = max(longest, n)
-    if lengths:
-        runs.append(range(start, len(lengths)))
-    return runs
+    runs, run = [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]  # the longest of the pass so far: rows come shortest first
+        if run and (n * (len(run) + 1) > max_tokens
+                    or (len(run) >= MIN_RUN_ROWS and n > LENGTH_SPREAD * lengths[run[0]])):
+            runs.append(run)
+            run = []
+        run.append(i)
+    return runs + [run] if run else runs
 
 
 DEFAULT_TOKENS_PER_CALL = 16384  # padded tokens per forward pass of a host call
@@ -379,14 +385,14 @@ DEFAULT_TOKENS_PER_CALL = 16384  # padded tokens per forward pass of a host call
 def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
                       max_tokens: int = DEFAULT_TOKENS_PER_CALL) -> list:
     """Per-token log-probs of each response (end of turn included), one float32 numpy array per response;
-    forward passes of at most `max_tokens` padded tokens each (token_budget_batches)."""
+    forward passes of rows of like length, at most `max_tokens` padded tokens each (scoring_runs)."""
     pairs = pair_ids(tokenizer, prompts, responses)
-    out = []
-    for run in token_budget_batches([len(p) + len(r) for p, r in pairs], max_tokens):
+    out = [None] * len(pairs)
+    for run in scoring_runs([len(p) + len(r) for p, r in pairs], max_tokens):
         batch = pad_pairs([pairs[i] for i in run], tokenizer.pad_token_id, max_length)
         logp = token_logprobs(model, batch).cpu()
-        mask = batch.response_mask[:, 1:].bool()
-        out += [row[m].numpy() for row, m in zip(logp, mask)]
+        for i, row, mask in zip(run, logp, batch.response_mask[:, 1:].bool()):
+            out[i] = row[mask].numpy()
     return out
 
 
@@ -394,7 +400,7 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
 def sequence_rewards(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
                      max_tokens: int = DEFAULT_TOKENS_PER_CALL) -> list[float]:
     """One score per prompt + response (end of turn included, tokenized by pair_ids) from a sequence
-    classifier with one label, in forward passes of at most `max_tokens` padded tokens.
+    classifier with one label, in forward passes of rows of like length (scoring_runs).
 
     Rows are right-padded with the model's own `config.pad_token_id`: transformers reads the score at the
     rightmost token that is not that id, so a padded row gives the score of the same row alone (its real
@@ -403,12 +409,13 @@ def sequence_rewards(model, tokenizer, prompts: list[str], responses: list[str],
     as for the row alone."""
     pairs = pair_ids(tokenizer, prompts, responses)
     pad = model.config.pad_token_id
-    out = []
+    out = [0.0] * len(pairs)
     device = next(model.parameters()).device
-    for run in token_budget_batches([len(p) + len(r) for p, r in pairs], max_tokens):
+    for run in scoring_runs([len(p) + len(r) for p, r in pairs], max_tokens):
         batch = pad_pairs([pairs[i] for i in run], pad, max_length)
         logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-        out += logits[:, 0].float().cpu().tolist()
+        for i, score in zip(run, logits[:, 0].float().cpu().tolist()):
+            out[i] = score
     return out
 
 
