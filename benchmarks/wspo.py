@@ -278,13 +278,13 @@ def main() -> None:
 
     from jobs.common import connect_ray  # sets RAY_TRAIN_ENABLE_PRINT_PATCH=0 before Ray Train is imported
 
+    load_before = os.getloadavg()  # before Ray starts: its own processes would count as other work
     connect_ray()
     import deepspeed
     import ray
     import torch
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    load_before = os.getloadavg()
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="w2s-bench-wspo-") as tmp:
@@ -296,8 +296,9 @@ def main() -> None:
     load_after = os.getloadavg()
     for result in results:
         print_result(result)
-    print(f"Load average (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f} on {os.cpu_count()} CPUs "
-          "(above the CPU count, other work shared the machine).")
+    busy = load_before[0] > (os.cpu_count() or 1)
+    print(f"Load average (1 min) before the benchmark: {load_before[0]:.2f} on {os.cpu_count()} CPUs"
+          + (": other work was using the machine, the timings are suspect." if busy else "."))
     write_results({"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "torch_version": torch.__version__, "ray_version": ray.__version__,
                                "deepspeed_version": deepspeed.__version__, "python": platform.python_version(),
