@@ -185,7 +185,6 @@ class HostPool:
         self.max_hosts, self.placement, self.resources, self.wait_s = max_hosts, placement, resources, wait_s
         self._actors: list = []
         self._held: dict[int, dict] = {}  # actor index -> the model it holds (or last loaded)
-        self._fingerprints: dict[tuple, str] = {}  # (path, size, mtime of its files) -> weights fingerprint
 
     def hosts(self, models: dict[str, ModelSpec], alone: tuple[str, ...] = ()) -> dict[str, HostRef]:
         """A host for every role of `models`, each loaded with its model; roles with the same weights share
@@ -223,11 +222,7 @@ class HostPool:
     def _described(self, spec: ModelSpec) -> dict:
         """The model as hosts are told it: absolute path (their working directory differs) and fingerprint."""
         path = check_model_path(spec.path).resolve()
-        files = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
-        stamp = (str(path), tuple(files))
-        if stamp not in self._fingerprints:  # hashing reads every byte: once per version of the files
-            self._fingerprints[stamp] = weights_fingerprint(path)
-        return {**spec.model_dump(), "path": str(path), "fingerprint": self._fingerprints[stamp]}
+        return {**spec.model_dump(), "path": str(path), "fingerprint": weights_fingerprint(path)}
 
     @staticmethod
     def _threads(hosts: int) -> int:

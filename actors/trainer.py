@@ -526,6 +526,7 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
 
     from w2s.modeling import LikelihoodClassifier, load_tokenizer, read_likelihood_head
 
+    began = time.perf_counter()
     config = TrainConfig(**stage["train"])
     name, folder = stage["name"], Path(stage["checkpoints"])
     torch.manual_seed(config.seed)
@@ -579,8 +580,11 @@ def _train_stage(stage: dict, rank: int, world: int, on_gpu: bool, nodes: list) 
                     writer.add_scalar(key, value, step)
         if (step + 1) % config.checkpoint_every == 0 and step < total - 1:
             _checkpoint(engine, folder, step, rank)
+    # where the stage's time went on this worker: loading and DeepSpeed's set-up, the steps (and checkpoints),
+    # then the final save (_save_final adds it)
     summary = {"steps": total_steps, "optimizer_steps": engine.global_steps, "tokens_per_worker": tokens,
-               "seconds": time.perf_counter() - t0, "world_size": world, "worker_nodes": nodes,
+               "setup_seconds": t0 - began, "seconds": time.perf_counter() - t0, "world_size": world,
+               "worker_nodes": nodes,
                "torch_threads": torch.get_num_threads(), "last": last, "resumed_from_step": start_step,
                "fingerprint": stage["fingerprint"], "device": "cuda" if on_gpu else "cpu",
                "backend": torch.distributed.get_backend(), "dtype": str(dtype).removeprefix("torch."),
@@ -670,7 +674,8 @@ def _save_final(engine, config: TrainConfig, stage: dict, tokenizer, rank: int, 
     """Rank 0 gathers the ZeRO-3 shards into one safetensors checkpoint, written once, next to the
     stage's output folder (`<output_dir>.partial`, moved into place by the driver). The summary file is
     written last: a folder that has it is complete."""
-    state = engine._zero3_consolidated_16bit_state_dict() if config.zero_stage == 3 else engine.module.state_dict()
+    start = time.perf_counter()
+    state = _trained_state(engine, config)
     if rank != 0:
         return
     staging = Path(stage["output_dir"] + ".partial")
@@ -690,7 +695,21 @@ def _save_final(engine, config: TrainConfig, stage: dict, tokenizer, rank: int, 
         engine.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     (staging / TRAINED_MARKER).write_text(stage["name"])
+    summary["save_seconds"] = time.perf_counter() - start
     (staging / SUMMARY).write_text(json.dumps(summary))
+
+
+def _trained_state(engine, config: TrainConfig) -> dict:
+    """The weights the final save needs, gathered from the ZeRO-3 shards (every rank takes part; rank 0 keeps
+    them). With LoRA only the adapter's: the frozen base is on disk, and gathering its weights too was most of a
+    LoRA stage's save."""
+    if not config.lora:
+        return engine._zero3_consolidated_16bit_state_dict() if config.zero_stage == 3 else engine.module.state_dict()
+    import deepspeed
+
+    adapter = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in adapter], enabled=config.zero_stage == 3):
+        return {name: p.detach().cpu().clone() for name, p in adapter}
 
 
 def _add_lora(model, lora: LoraSettings):
@@ -700,7 +719,7 @@ def _add_lora(model, lora: LoraSettings):
                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
-def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str, trust_remote_code: bool) -> None:
+def _save_merged_lora(init_model: str, lora: LoraSettings, adapter: dict, out: str, trust_remote_code: bool) -> None:
     """Save the base model with the trained adapter merged in (a plain HF checkpoint every stage can
     load), and the adapter alone in `<out>/lora_adapter`."""
     import torch
@@ -709,7 +728,10 @@ def _save_merged_lora(init_model: str, lora: LoraSettings, state: dict, out: str
     base = AutoModelForCausalLM.from_pretrained(init_model, dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=trust_remote_code)
     peft_model = _add_lora(base, lora)
-    peft_model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    wanted = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    if set(adapter) != wanted:  # the adapter trained is the one built here, weight for weight
+        raise RuntimeError(f"trained adapter weights {sorted(set(adapter) ^ wanted)[:4]} do not match the adapter")
+    peft_model.load_state_dict({k: v.float() for k, v in adapter.items()}, strict=False)
     peft_model.save_pretrained(os.path.join(out, "lora_adapter"), safe_serialization=True)
     peft_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
 

@@ -144,3 +144,26 @@ def test_workers_the_cluster_cannot_give_stop_the_stage_with_a_clear_error(ray_l
             workers.train(TrainConfig(mode="lm", num_workers=2), checkpoints["weak"], tmp_path / "lm.parquet",
                           tmp_path / "out", "lm", tmp_path / "stages", 96)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_stage_is_saved_as_the_base_from_disk_with_its_trained_adapter_merged(checkpoints, tmp_path):
+    """The final save of a LoRA stage takes only the adapter's weights from the workers and reads the base from
+    disk: the merged model is base + scale * B A on each adapted weight, and the adapter alone is kept beside it;
+    an adapter that is not the one the settings build is refused."""
+    from actors.trainer import LoraSettings, _add_lora, _save_merged_lora
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraSettings(r=2, alpha=4)
+    trained = _add_lora(AutoModelForCausalLM.from_pretrained(checkpoints["strong"]), lora)
+    adapter = {name: torch.randn_like(p) for name, p in trained.named_parameters() if p.requires_grad}
+    _save_merged_lora(str(checkpoints["strong"]), lora, adapter, str(tmp_path / "merged"), False)
+
+    base = AutoModelForCausalLM.from_pretrained(checkpoints["strong"]).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    name = "transformer.h.0.attn.c_attn.weight"  # GPT-2's Conv1D: the update is (B A) transposed
+    a, b = (adapter[f"base_model.model.{name.removesuffix('.weight')}.lora_{x}.default.weight"] for x in "AB")
+    assert torch.allclose(merged[name], base[name] + (lora.alpha / lora.r) * (b @ a).T, atol=1e-6)
+    assert (tmp_path / "merged" / "lora_adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(RuntimeError, match="do not match the adapter"):
+        _save_merged_lora(str(checkpoints["strong"]), LoraSettings(r=2, alpha=4, target_modules=["c_proj"]), adapter,
+                          str(tmp_path / "other"), False)

@@ -181,14 +181,21 @@ def resolve_max_length(max_length: int | None, positions: dict[str, int | None])
     return max_length
 
 
+_FINGERPRINTS: dict[tuple, str] = {}  # (folder, its files' names, sizes and modification times) -> fingerprint
+
+
 def weights_fingerprint(path: str | Path) -> str:
     """A hash of a checkpoint's files (weights, config, tokenizer): a model retrained in place gets a new
-    one, so nothing keyed on it is reused stale. Reads every byte: about a second per GB."""
+    one, so nothing keyed on it is reused stale. Reads every byte (about a second per GB), once per version of
+    the files in a process: a job names the same model at many stages."""
     from w2s.runs import content_hash, file_hash
 
-    path = check_model_path(path)
+    path = check_model_path(path).resolve()
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return content_hash([[str(f.relative_to(path)), file_hash(f)] for f in files])
+    stamp = (str(path), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _FINGERPRINTS:
+        _FINGERPRINTS[stamp] = content_hash([[str(f.relative_to(path)), file_hash(f)] for f in files])
+    return _FINGERPRINTS[stamp]
 
 
 # Texts whose token ids every model must agree on before anything is scored.
