@@ -671,7 +671,8 @@ def _checkpoint(engine, folder: Path, step: int, rank: int) -> None:
 
 
 def _save_final(engine, config: TrainConfig, stage: dict, tokenizer, rank: int, summary: dict) -> None:
-    """Rank 0 gathers the ZeRO-3 shards into one safetensors checkpoint, written once, next to the
+    """Rank 0 gathers what the save needs from the ZeRO-3 shards (_trained_state: every weight, or with LoRA the
+    adapter's, merged into the base read from disk) into one safetensors checkpoint, written once, next to the
     stage's output folder (`<output_dir>.partial`, moved into place by the driver). The summary file is
     written last: a folder that has it is complete."""
     start = time.perf_counter()
