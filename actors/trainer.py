@@ -510,7 +510,9 @@ def _serve(loop_config: dict) -> None:
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     index = ray.get(queue.first_open.remote())
     while (stage := ray.get(queue.get.remote(index))) is not None:  # waits until the driver queues one, or stops
+        _reset_peak_memory()
         summary = _train_stage(stage, rank, world, on_gpu, nodes)
+        summary["worker_memory_gb"] = _memory_per_worker(world)
         if rank == 0:
             ray.get(queue.finish.remote(index, summary))
         index += 1
@@ -610,6 +612,29 @@ def _give_back_freed_memory() -> None:
         pass
 
 
+def _reset_peak_memory() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh, so that a stage's peak is its own (Linux only)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _memory_per_worker(world: int) -> list[dict] | None:
+    """Every worker's peak resident memory during the stage and what it still holds after it (GB): a long-lived
+    worker that kept an earlier stage's memory shows here before the operating system kills it."""
+    import torch
+
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        mine = {"peak": int(status["VmHWM"].split()[0]) / 2**20, "after": int(status["VmRSS"].split()[0]) / 2**20}
+    except (OSError, KeyError, ValueError):  # not Linux
+        mine = None
+    every = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    return None if None in every else [{k: round(v, 2) for k, v in m.items()} for m in every]
+
+
 @contextlib.contextmanager
 def _quiet_new_head(quiet: bool):
     from transformers.utils import logging as hf_logging
@@ -625,14 +650,29 @@ def _quiet_new_head(quiet: bool):
 
 def _release(engine) -> None:
     """Drop what keeps a finished stage's engine, model and optimizer alive (a training worker lives for the
-    whole job): ZeRO-3's hooks, and DeepSpeed's module-level stack of modules in forward (FWD_MODULE_STACK),
-    found holding the model. What was taken for a leak (about 2 GB more per SmolLM2-135M stage and worker) was
-    glibc keeping the freed heap: with _give_back_freed_memory, an idle worker holds 1.0 GB after each of three
-    LoRA DPO stages (measured), where it held 3.9, 6.0 and 6.0 GB."""
+    whole job): ZeRO-3's hooks, DeepSpeed's module-level stack of modules in forward (FWD_MODULE_STACK) and its
+    cache of parameters to release, each found holding the model. The freed heap goes back to the machine after
+    (_give_back_freed_memory): without it an idle worker held 3.9, 6.0 and 6.0 GB after three LoRA DPO stages of
+    SmolLM2-135M, with it 1.0 GB (measured)."""
     from deepspeed.runtime.zero import parameter_offload
 
     engine.destroy()
     parameter_offload.FWD_MODULE_STACK.clear()
+    _clear_zero3_release_cache()
+
+
+def _clear_zero3_release_cache() -> None:
+    """DeepSpeed (0.19) caches PartitionedParameterCoordinator.__params_to_release with an lru_cache on the class,
+    keyed by (coordinator, submodule, step): it kept every finished stage's model, and through the model's hooks
+    its engine and optimizer, alive for the worker's life. Full fine-tuning of SmolLM2-135M left 1.3 GB more per
+    stage and worker (the ZeRO-3 optimizer's share: fp32 weights, gradients, Adam's two moments) until Ray killed
+    MACPO's student stage for memory (measured; tests/scripts/stage_memory.py checks that nothing stays)."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    cached = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(cached, "__closure__", None) or ():  # under DeepSpeed's nvtx wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 def _complete_checkpoints(folder: Path) -> list[Path]:
@@ -942,6 +982,9 @@ class TrainingWorkers:
                      "reference": reference, "trust_remote_code": trust_remote_code, "fingerprint": fingerprint,
                      "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None}
             summary = self._run(stage, config)
+            if memory := summary.get("worker_memory_gb"):
+                peak, after = (" / ".join(f"{m[key]:.2f}" for m in memory) for key in ("peak", "after"))
+                print(f"[train {name}] workers' memory: peak {peak} GB, after the stage {after} GB", flush=True)
             _move_into_place(output_dir.with_name(output_dir.name + ".partial"), output_dir)
             for done in _complete_checkpoints(checkpoints):  # the model is out: its checkpoints are spent
                 shutil.rmtree(done)

@@ -4,6 +4,9 @@
 training worker killed and restarted by Ray Train: test_macpo_cluster.py.)
 """
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +17,8 @@ import torch
 from actors.trainer import TrainConfig, train
 from w2s.modeling import ModelLoadError, ModelSpec, load_model, response_logprobs
 from w2s.world import World, WorldConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -51,6 +56,8 @@ def test_dpo_with_sft_term_on_two_zero3_workers(workers, checkpoints, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 4 * (48 // 16)
     assert summary["optimizer_steps"] == summary["steps"]  # DeepSpeed stepped once per 2 micro-batches
     assert summary["torch_threads"] == 1  # one reserved CPU per worker: one thread, on any machine
+    memory = summary["worker_memory_gb"]  # each worker's peak during the stage and what it holds after
+    assert len(memory) == 2 and all(0 < m["after"] <= m["peak"] for m in memory)
     assert (tmp_path / "aligned" / "model.safetensors").is_file()  # gathered from the ZeRO-3 shards
     assert (tmp_path / "aligned" / ".trained_by_w2s").is_file()
     margins = _margins(tmp_path / "aligned", data)
@@ -167,3 +174,15 @@ def test_a_lora_stage_is_saved_as_the_base_from_disk_with_its_trained_adapter_me
     with pytest.raises(RuntimeError, match="do not match the adapter"):
         _save_merged_lora(str(checkpoints["strong"]), LoraSettings(r=2, alpha=4, target_modules=["c_proj"]), adapter,
                           str(tmp_path / "other"), False)
+
+
+def test_a_finished_stage_leaves_no_engine_or_optimizer_in_its_worker(checkpoints, tmp_path):
+    """A training worker lives for the whole job: what one stage leaves alive, every later stage adds to (DeepSpeed's
+    cache of which parameters to release kept each stage's model, engine and optimizer: 1.3 GB per SmolLM2 stage)."""
+    data = _scored_pairs(checkpoints["weak"], tmp_path / "pairs.parquet", n=16)
+    done = subprocess.run([sys.executable, str(ROOT / "tests/scripts/stage_memory.py"), str(checkpoints["weak"]),
+                           str(data), "base", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert after == [{"engines": 0, "optimizers": 0}] * 3
+    assert all((tmp_path / "out" / f"model{i}.partial" / "model.safetensors").is_file() for i in range(3))  # written
