@@ -21,11 +21,19 @@ import gc
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
 from actors.resources import HostResources, unavailable
 from w2s.modeling import ModelSpec, check_model_path, weights_fingerprint
+
+# On CPUs a scoring stage's hosts take turns, each with every CPU, when its largest model has this much weight:
+# sharing the cores, the small models finished first and the large one went on at one thread. Measured on 2 cores,
+# together against in turns (README, Speed): WSPO's three hosts with today's 0.8 MB strong model 1.7 s against
+# 2.7 s; with the benchmark's 43 MB one 43.1 / 34.6 s against 27.7 / 28.9; the real track's SmolLM2 (514 MB) and
+# its 13 MB weak base 50.2 / 41.2 s against 28.0 / 28.3. The crossover between 0.8 and 43 MB was not measured.
+TURNS_MIN_WEIGHT_BYTES = 16 * 2**20
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -156,6 +164,7 @@ class HostRef:
 
     actor: object  # ray.actor.ActorHandle
     model: dict  # ModelSpec fields + the weights' fingerprint + the stage's torch threads on CPUs
+    alone: bool = False  # on CPUs, given all the node's CPUs: it computes while the stage's other hosts wait
 
     def logprobs(self, prompts: list[str], responses: list[str]):
         return self.actor.logprobs.remote(self.model, prompts, responses)
@@ -186,12 +195,19 @@ class HostPool:
         self._actors: list = []
         self._held: dict[int, dict] = {}  # actor index -> the model it holds (or last loaded)
 
-    def hosts(self, models: dict[str, ModelSpec], alone: tuple[str, ...] = ()) -> dict[str, HostRef]:
+    def hosts(self, models: dict[str, ModelSpec], alone: tuple[str, ...] = (), turns: bool = False
+              ) -> dict[str, HostRef]:
         """A host for every role of `models`, each loaded with its model; roles with the same weights share
         one host, and a model a host already holds stays where it is (no reload). On CPUs the node's CPUs are
         shared as torch threads among the hosts; a role in `alone` computes only while the others wait (a
-        search's strong model samples, then its guides score), so its host gets all of them."""
+        search's strong model samples, then its guides score), so its host gets all of them.
+
+        `turns`: the stage can have its hosts take turns (a scoring stage: actors.stages.score_preferences).
+        On CPUs they do when its largest model has TURNS_MIN_WEIGHT_BYTES of weights or more: every role is
+        then `alone`."""
         wanted = {role: self._described(spec) for role, spec in models.items()}
+        if turns and not self.resources.gpus and max(map(_weight_bytes, wanted.values())) >= TURNS_MIN_WEIGHT_BYTES:
+            alone = tuple(wanted)
         canonical: dict[tuple, dict] = {}  # one description per distinct model: the one a host holds, if any
         for model in wanted.values():
             held = next((h for h in self._held.values() if _key(h) == _key(model)), None)
@@ -213,7 +229,9 @@ class HostPool:
         shared, solo = self._threads(max(1, len(sharing))), self._threads(1)
         named = {key: {**model, "threads": shared if key in sharing else solo} for key, model in canonical.items()}
         ray.get([self._actors[placed[key]].load.remote(model) for key, model in named.items()])
-        return {role: HostRef(self._actors[placed[_key(m)]], named[_key(m)]) for role, m in wanted.items()}
+        on_cpus = not self.resources.gpus
+        return {role: HostRef(self._actors[placed[_key(m)]], named[_key(m)], on_cpus and _key(m) not in sharing)
+                for role, m in wanted.items()}
 
     def identity(self, spec: ModelSpec) -> tuple:
         """What makes two specs one model for a host: their weights (by content) and how they are loaded."""
@@ -260,6 +278,10 @@ class HostPool:
         for actor in self._actors:
             ray.kill(actor)
         self._actors, self._held = [], {}
+
+
+def _weight_bytes(model: dict) -> int:
+    return sum(f.stat().st_size for f in Path(model["path"]).glob("*.safetensors"))
 
 
 def _key(model: dict) -> tuple:

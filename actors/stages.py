@@ -8,9 +8,10 @@
 - `reward_responses`: prompt + response rows -> one score per row from every reward-model host.
 
 Each batch calls every host it needs at once, so models on different GPUs work in parallel, and a few
-batches are in flight at a time, so a host always has the next call queued. The Ray Data tasks only
-move text and wait on the hosts: they reserve no CPU (the job's training workers may hold them all),
-and Ray reuses their worker processes from one stage to the next.
+batches are in flight at a time, so a host always has the next call queued. On CPUs, a scoring stage whose
+hosts HostPool made `alone` (large models) has them take turns instead, one host's rows after another's, each
+with every CPU. The Ray Data tasks only move text and wait on the hosts: they reserve no CPU (the job's
+training workers may hold them all), and Ray reuses their worker processes from one stage to the next.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -39,6 +41,28 @@ def _score_batch(batch: pa.Table, hosts: dict, responses: tuple[str, ...]) -> pa
         for i, side in enumerate(responses):
             batch = batch.append_column(f"{role}_{side}_logps", logps.slice(i * n, n))
     return batch
+
+
+def _score_in_turns(table: pa.Table, hosts: dict, responses: tuple[str, ...], batch_size: int) -> pa.Table:
+    """`_score_batch` over `table`, the hosts one after the other in one Ray Data pass: every row once per host,
+    a host's rows in a row, so that one host computes at a time with all the node's CPUs (HostPool.hosts'
+    `alone`; measured in actors.model_host, TURNS_MIN_WEIGHT_BYTES)."""
+    n, roles = table.num_rows, list(hosts)
+    by_role = pa.concat_tables([table.append_column("_role", pa.array([role] * n, pa.string())) for role in roles])
+    scored = _through_hosts(by_role, _score_rows_by_role, {"hosts": hosts, "responses": responses}, batch_size)
+    for k, role in enumerate(roles):  # _through_hosts keeps the row order: role k's rows are the k-th n
+        mine = scored.slice(k * n, n)
+        for side in responses:
+            table = table.append_column(f"{role}_{side}_logps", mine[f"{role}_{side}_logps"])
+    return table
+
+
+def _score_rows_by_role(batch: pa.Table, hosts: dict, responses: tuple[str, ...]) -> pa.Table:
+    """Each row scored by the host of the role its `_role` names (a batch may hold the end of one role's rows
+    and the start of the next's)."""
+    parts = [_score_batch(batch.filter(pc.equal(batch["_role"], role)), {role: hosts[role]}, responses)
+             for role in pc.unique(batch["_role"]).to_pylist()]
+    return pa.concat_tables(parts, promote_options="default")
 
 
 def _score_batch_by_host(batch: pa.Table, hosts: dict, host_column: str, responses: tuple[str, ...],
@@ -115,6 +139,9 @@ def score_preferences(data_path: str | Path, hosts: dict, output_dir: str | Path
     (source, row, error_field, error). A file that cannot be read at all raises
     `PreferenceDataError` before any model is called.
 
+    Hosts that each have all the node's CPUs (`alone`: HostPool.hosts with `turns`, for large models on CPUs)
+    score one after the other; otherwise all at once.
+
     The file is read, checked and scored CHUNK_ROWS records at a time, and each chunk's rows are
     written out before the next is read: memory holds one chunk, whatever the size of the file.
     """
@@ -125,11 +152,14 @@ def score_preferences(data_path: str | Path, hosts: dict, output_dir: str | Path
     # The check is text work: done here, where the tokenizer is, chunk by chunk, before its rows are scored.
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     scored_path, rejected_path = output_dir / "scored.parquet", output_dir / "rejected_rows.parquet"
+    turns = len(hosts) > 1 and all(host.alone for host in hosts.values())  # hosts given every CPU take turns
     with _ParquetOut(scored_path) as scored, _ParquetOut(rejected_path, REJECTED_SCHEMA) as rejected:
         for raw in iter_raw(data_path, CHUNK_ROWS):
             good, bad = split_checked(check_batch(raw, tokenizer, max_length if tokenizer else None))
             rejected.write(bad)
-            if good.num_rows:
+            if good.num_rows and turns:
+                scored.write(_score_in_turns(good, hosts, tuple(responses), batch_size))
+            elif good.num_rows:
                 scored.write(_through_hosts(good, _score_batch, {"hosts": hosts, "responses": tuple(responses)},
                                             batch_size))
     bad_table = pq.read_table(rejected_path)

@@ -35,11 +35,13 @@ class Workers:
         self.trainers = TrainingWorkers(train_storage, cluster.train, cluster.wait_s, max_train_groups)
         self.take_turns = cluster.hosts.gpus > 0 and cluster.train.use_gpu
 
-    def host(self, models: dict[str, ModelSpec], alone: tuple[str, ...] = ()) -> dict[str, HostRef]:
-        """Hosts holding `models` (HostPool.hosts; `alone`: roles that compute while the others wait)."""
+    def host(self, models: dict[str, ModelSpec], alone: tuple[str, ...] = (), turns: bool = False
+             ) -> dict[str, HostRef]:
+        """Hosts holding `models` (HostPool.hosts; `alone`: roles that compute while the others wait; `turns`:
+        a scoring stage, whose hosts may take turns)."""
         if self.take_turns:
             self.trainers.shutdown()
-        return self.hosts.hosts(models, alone)
+        return self.hosts.hosts(models, alone, turns)
 
     def generate(self, prompts: pa.Table, models: dict[str, ModelSpec], batch_size: int = 64,
                  **generation) -> pa.Table:

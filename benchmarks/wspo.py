@@ -117,7 +117,7 @@ def run_pipeline(config: TrainConfig, models: dict[str, Path], data: Path, work:
     hosts = {"weak_aligned": models["weak_aligned"], "weak_base": models["weak_base"], "strong_ref": models["strong"]}
     start = time.perf_counter()
     with job_workers(workers, work / "ray_train", ClusterConfig()) as workers:  # CPUs, as the official side
-        refs = workers.host({role: ModelSpec(path=str(p)) for role, p in hosts.items()})
+        refs = workers.host({role: ModelSpec(path=str(p)) for role, p in hosts.items()}, turns=True)  # as jobs.wspo
         hosts_start = time.perf_counter() - start  # actors started, models loaded
         scored = score_preferences(data, refs, work / "scores", tokenizer_path=str(models["strong"]),
                                    max_length=MAX_LENGTH, batch_size=64, responses=("chosen",))

@@ -168,7 +168,7 @@ def _build_models(config: PrepareConfig, cache: Cache, world: World, world_key: 
 
     def build_scored(path: Path) -> None:
         hosts = workers.host({role: ModelSpec(path=str(models[role]), dtype=dtype)
-                              for role in ("weak_base", "strong_base")})
+                              for role in ("weak_base", "strong_base")}, turns=True)
         result = score_preferences(data / "pairs.jsonl", hosts, path, tokenizer_path=str(models["weak_base"]),
                                    max_length=max_length, batch_size=config.score_batch_size)
         _log(f"scored {result.n_scored} gold pairs; {result.report}")

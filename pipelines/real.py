@@ -176,7 +176,7 @@ def _reference_models(config: RealConfig, cache: Cache, data: Path, strong: Mode
     pairs_key = content_hash("real-pairs-v1", data.name, fingerprints, max_length, dtype)
 
     def score(path: Path) -> None:
-        hosts = workers.host({role: ModelSpec(path=str(models[role]), dtype=dtype) for role in models})
+        hosts = workers.host({role: ModelSpec(path=str(models[role]), dtype=dtype) for role in models}, turns=True)
         result = score_preferences(data / "pairs.jsonl", hosts, path, tokenizer_path=str(strong.path),
                                    max_length=max_length, batch_size=config.score_batch_size)
         _log(f"scored {result.n_scored} gold pairs; {result.report}")

@@ -35,7 +35,7 @@ def score(config: ScoreConfig, run: RunDir, workers: Workers | None = None) -> d
                                                         for role, spec in config.models.items()})
     with job_workers(workers, run.path / "ray_train", config.cluster) as workers:
         first = next(iter(config.models.values())).path
-        result = score_preferences(config.data, workers.host(config.models), run.path / "examples",
+        result = score_preferences(config.data, workers.host(config.models, turns=True), run.path / "examples",
                                    tokenizer_path=first, max_length=max_length, batch_size=config.batch_size)
     print(f"[score] scored {result.n_scored} rows -> {result.scored_path}\n[score] {result.report}", flush=True)
     return run.update_metrics({"scoring": {"data": config.data, "scored_rows": result.n_scored,

@@ -176,7 +176,7 @@ def _run_wspo(config: WSPOConfig, run: RunDir, seed: int, workers: Workers, star
 
     def build_scores(scores_dir: Path) -> None:
         _log(f"scoring {'+'.join(sides)} responses of {data} under {', '.join(hosts)} (Ray Data)")
-        refs = workers.host(hosts)
+        refs = workers.host(hosts, turns=True)
         result = score_preferences(data, refs, scores_dir, tokenizer_path=models["strong"].path,
                                    max_length=max_length, batch_size=config.score_batch_size, responses=sides)
         (scores_dir / "placement.json").write_text(json.dumps(workers.hosts.where(refs)))  # device and dtype

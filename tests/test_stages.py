@@ -115,6 +115,35 @@ def test_scoring_attaches_logprobs_and_sets_aside_malformed_rows(hosts, checkpoi
         assert len(row["weak_chosen_logps"]) == len(tokenizer(row["chosen"])["input_ids"]) + 1
 
 
+def test_large_models_score_in_turns_with_every_cpu_and_each_row_keeps_its_own_numbers(pool, checkpoints, tmp_path,
+                                                                                       monkeypatch):
+    import ray
+
+    from actors import model_host
+
+    specs = {"weak": ModelSpec(path=str(checkpoints["weak"])), "strong": ModelSpec(path=str(checkpoints["strong"]))}
+    assert not any(host.alone for host in pool.hosts(specs, turns=True).values())  # tiny models share the CPUs
+    monkeypatch.setattr(model_host, "TURNS_MIN_WEIGHT_BYTES", 0)  # as if they were large
+    hosts = pool.hosts(specs, turns=True)
+    assert all(host.alone for host in hosts.values())
+    assert {ray.get(h.actor.where.remote())["threads"] for h in hosts.values()} == {min(4, os.cpu_count())}
+    rows = [{"prompt": f"q: zorb {i}?\na:", "chosen": " red." * (i % 3 + 1), "rejected": f" blue {i}."}
+            for i in range(7)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # 7 rows x 2 hosts in batches of 2: one batch holds the weak host's last row and the strong host's first
+    result = score_preferences(data, hosts, tmp_path / "out", tokenizer_path=str(checkpoints["weak"]),
+                               max_length=64, batch_size=2)
+    scored = pq.read_table(result.scored_path).to_pylist()
+    assert [r["row"] for r in scored] == list(range(7))
+    for role, spec in specs.items():
+        model, tokenizer = load_model(spec)
+        for side in ("chosen", "rejected"):
+            direct = response_logprobs(model, tokenizer, [r["prompt"] for r in rows], [r[side] for r in rows], 64)
+            for row, expected in zip(scored, direct):
+                assert row[f"{role}_{side}_logps"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_unreadable_file_is_a_clear_error(hosts, tmp_path):
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"not parquet at all")
