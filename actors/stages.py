@@ -157,10 +157,9 @@ def score_preferences(data_path: str | Path, hosts: dict, output_dir: str | Path
         for raw in iter_raw(data_path, CHUNK_ROWS):
             good, bad = split_checked(check_batch(raw, tokenizer, max_length if tokenizer else None))
             rejected.write(bad)
-            if good.num_rows and turns:
-                scored.write(_score_in_turns(good, hosts, tuple(responses), batch_size))
-            elif good.num_rows:
-                scored.write(_through_hosts(good, _score_batch, {"hosts": hosts, "responses": tuple(responses)},
+            if good.num_rows:
+                scored.write(_score_in_turns(good, hosts, tuple(responses), batch_size) if turns else
+                             _through_hosts(good, _score_batch, {"hosts": hosts, "responses": tuple(responses)},
                                             batch_size))
     bad_table = pq.read_table(rejected_path)
     if scored.rows == 0:

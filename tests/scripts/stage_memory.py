@@ -7,17 +7,10 @@ prints, as JSON, how many DeepSpeed engines and optimizers are still alive after
 import gc
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(*names: str) -> int:
@@ -25,12 +18,13 @@ def alive(*names: str) -> int:
 
 
 def main(model: str, data: str, reference: str, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
     import torch.distributed
 
     from actors.trainer import TrainConfig, _train_stage
+    from jobs.common import free_port
 
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     config = TrainConfig(mode="dpo", lr=1e-3, batch_size=8, num_workers=1, epochs=1, checkpoint_every=10**6)
     after = []
