@@ -115,30 +115,33 @@ def load(cls, args: argparse.Namespace):
     return load_config(cls, args.config, args.overrides)
 
 
-# Same config, same numbers across CPUs: MKL and PyTorch pick their CPU kernels by instruction set
-# (AVX-512 where the CPU has it), and each rounds differently. Pinned to the AVX2 code paths, an
-# AVX-512 machine computes what an AVX2 one does; measured here (AVX2 CPU): no slower. Set either
-# variable yourself to choose otherwise. GPUs are unaffected.
-CPU_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-# What every process of a job gets (the driver, and every Ray worker through the runtime env): the pinned
-# CPU kernels, and no progress bars from Hugging Face libraries (one bar per model load and save).
+# Same config, same numbers on a machine: MKL's conditional numerical reproducibility (MKL_CBWR) makes its
+# matmuls repeat bit for bit from run to run, on the fastest code path the CPU has (AUTO). Pinning every CPU to
+# the AVX2 paths instead (MKL_CBWR=AVX2, ATEN_CPU_CAPABILITY=avx2, this project's default until 2026-12) did not
+# make an AMD EPYC and an Intel Xeon agree, and cost the Xeon (AVX-512) 37% of its matmul speed and 40% of a
+# training step (README, "Seeds, and what varies"). Set either variable yourself to choose other kernels: every
+# Ray worker of the job gets what the driver has.
+CPU_KERNELS = {"MKL_CBWR": "AUTO"}
+# What every process of a job gets (the driver, and every Ray worker through the runtime env): the CPU kernels,
+# and no progress bars from Hugging Face libraries (one bar per model load and save).
 JOB_ENV = {**CPU_KERNELS, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 for _name, _value in JOB_ENV.items():
     os.environ.setdefault(_name, _value)  # on import, before any job imports torch or transformers
+PASSED_ENV = (*JOB_ENV, "ATEN_CPU_CAPABILITY")  # to the workers, where the driver has them
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it; `RAY_ADDRESS=auto` joins a
     local `ray start`), or start a fresh local instance with its dashboard on loopback (with `num_cpus`
-    logical CPUs; None: the machine's). Every worker of the job gets JOB_ENV (the pinned CPU kernels) and the
-    address of its own cluster's state API (_own_state_api).
+    logical CPUs; None: the machine's). Every worker of the job gets the driver's PASSED_ENV (the CPU kernels)
+    and the address of its own cluster's state API (_own_state_api).
     """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # progress lines are printed once, not twice
     if ray.is_initialized():
         return
-    env_vars = {name: os.environ[name] for name in JOB_ENV}
+    env_vars = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env={"env_vars": {**env_vars, **_own_state_api(None)}})
     else:  # the dashboard serves Ray's state API, which Ray Train's controller polls: on loopback only
