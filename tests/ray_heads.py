@@ -1,7 +1,8 @@
 """Ray heads of the tests' own, started with the `ray` CLI: token auth on, loopback dashboard, free ports, a
 temp dir and HOME of their own, so they never collide with the tests' in-process cluster or another run on
 the machine. Never `ray stop` (nor ray.cluster_utils.AutoscalingCluster, which calls `ray stop --force`):
-it kills every Ray process on the machine. A head is ended by killing the processes that name its temp dir.
+it kills every Ray process on the machine. A head is ended by killing the processes that name its temp dir or
+its GCS address, and their children.
 
 An autoscaling head runs Ray's fake multi-node provider (`fake_multinode`, shipped with Ray for laptop
 testing): the autoscaler starts and stops worker nodes as local raylets, of the node types given.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,26 +46,45 @@ def run(args, env, timeout):
     return subprocess.run(args, env=env, timeout=timeout, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
-def kill_processes_mentioning(marker: str) -> None:
+def kill_head(temp_dir: str, gcs_port: int) -> None:
     """End the Ray processes of *our* head only: each one names our unique temp dir in its command line or runs
-    inside it (job drivers run in the unpacked working_dir)."""
-    ours = []
+    inside it (job drivers run in the unpacked working_dir), names our GCS address (the Ray client server), or
+    descends from one that does. The raylet's agents rename themselves (`ray::DashboardAgent`): left behind, they
+    outlive their raylet by a minute, one spinning a core (seen in the test suite)."""
+    address = re.compile(rf"--address=\S+:{gcs_port}(\s|$)")
+    ours = {}
     for p in psutil.process_iter(["cmdline", "cwd"]):
-        if p.pid != os.getpid() and (marker in " ".join(p.info["cmdline"] or []) or marker in (p.info["cwd"] or "")):
-            ours.append(p)
-    for p in ours:
+        command = " ".join(p.info["cmdline"] or [])
+        if p.pid != os.getpid() and (temp_dir in command or temp_dir in (p.info["cwd"] or "")
+                                     or address.search(command)):
+            ours[p.pid] = p
+    for p in list(ours.values()):  # before any dies: an orphan's parent is no longer ours
+        try:
+            ours.update((child.pid, child) for child in p.children(recursive=True))
+        except psutil.Error:
+            pass
+    ours.pop(os.getpid(), None)
+    for p in ours.values():
         try:
             p.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
     # gcs_server and the autoscaler monitor tend to linger after SIGTERM: don't wait long.
-    _, alive = psutil.wait_procs(ours, timeout=5)
+    _, alive = psutil.wait_procs(list(ours.values()), timeout=5)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def ray_processes_outside_this_one() -> dict[int, str]:
+    """Ray processes on the machine that do not descend from this process (the tests' in-process Ray does):
+    {pid: name}."""
+    mine = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    return {p.pid: p.info["name"] for p in psutil.process_iter(["name", "cmdline"])
+            if p.pid not in mine and "ray" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])}
 
 
 def http_status(url, token=None):
@@ -125,6 +146,7 @@ def local_head(home: Path, num_cpus: float = 2, node_types: dict | None = None, 
     # for `ray start`/`ray.init` whenever that file exists, so writing the real one would change other Ray users
     # on this machine (and a real one would leak into the no-token checks).
     home.mkdir(parents=True, exist_ok=True)
+    others = ray_processes_outside_this_one()
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS
     # Our venv first on PATH, so the job's `python` is the one that has Ray.
     path = os.pathsep.join([os.path.dirname(RAY), os.environ.get("PATH", "")])
@@ -155,5 +177,7 @@ def local_head(home: Path, num_cpus: float = 2, node_types: dict | None = None, 
         wait_for_http(url + "/api/version", timeout=60)
         yield Head(url, env, base, token, temp_dir)
     finally:
-        kill_processes_mentioning(str(temp_dir))
+        kill_head(str(temp_dir), gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    left = {pid: name for pid, name in ray_processes_outside_this_one().items() if pid not in others}
+    assert not left, f"the head's processes outlived it: {left}"
