@@ -46,11 +46,20 @@ def run(args, env, timeout):
     return subprocess.run(args, env=env, timeout=timeout, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
+def _signal(processes, sig) -> None:
+    for p in processes:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
 def kill_head(temp_dir: str, gcs_port: int) -> None:
     """End the Ray processes of *our* head only: each one names our unique temp dir in its command line or runs
     inside it (job drivers run in the unpacked working_dir), names our GCS address (the Ray client server), or
     descends from one that does. The raylet's agents rename themselves (`ray::DashboardAgent`): left behind, they
-    outlive their raylet by a minute, one spinning a core (seen in the test suite)."""
+    outlive their raylet by a minute, one spinning a core (seen in the test suite). Every one is stopped before
+    any is killed: a dashboard that sees one of its modules die starts another."""
     address = re.compile(rf"--address=\S+:{gcs_port}(\s|$)")
     ours = {}
     for p in psutil.process_iter(["cmdline", "cwd"]):
@@ -58,33 +67,30 @@ def kill_head(temp_dir: str, gcs_port: int) -> None:
         if p.pid != os.getpid() and (temp_dir in command or temp_dir in (p.info["cwd"] or "")
                                      or address.search(command)):
             ours[p.pid] = p
-    for p in list(ours.values()):  # before any dies: an orphan's parent is no longer ours
-        try:
-            ours.update((child.pid, child) for child in p.children(recursive=True))
-        except psutil.Error:
-            pass
-    ours.pop(os.getpid(), None)
-    for p in ours.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    # gcs_server and the autoscaler monitor tend to linger after SIGTERM: don't wait long.
-    _, alive = psutil.wait_procs(list(ours.values()), timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    stopped = {}
+    while len(stopped) < len(ours):  # until no stopped process has a child not yet stopped
+        _signal([p for pid, p in ours.items() if pid not in stopped], signal.SIGSTOP)
+        stopped.update(ours)
+        for p in list(ours.values()):
+            try:
+                ours.update((child.pid, child) for child in p.children(recursive=True) if child.pid != os.getpid())
+            except psutil.Error:
+                pass
+    _signal(ours.values(), signal.SIGKILL)
+    psutil.wait_procs(list(ours.values()), timeout=10)
 
 
-def ray_processes_outside_this_one() -> dict[int, str]:
-    """Ray processes on the machine that do not descend from this process (the tests' in-process Ray does):
-    {pid: name}."""
-    mine = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
-    return {p.pid: p.info["name"] for p in psutil.process_iter(["name", "cmdline"])
-            if p.pid not in mine and "ray" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])}
+def processes_using(directory: str) -> dict[int, str]:
+    """Processes with a file open under `directory` ({pid: name}): every process of a head writes its logs into
+    the head's temp dir, whatever name it gives itself."""
+    found = {}
+    for p in psutil.process_iter(["name"]):
+        try:
+            if any(f.path.startswith(directory) for f in p.open_files()):
+                found[p.pid] = p.info["name"]
+        except psutil.Error:
+            pass
+    return found
 
 
 def http_status(url, token=None):
@@ -146,7 +152,6 @@ def local_head(home: Path, num_cpus: float = 2, node_types: dict | None = None, 
     # for `ray start`/`ray.init` whenever that file exists, so writing the real one would change other Ray users
     # on this machine (and a real one would leak into the no-token checks).
     home.mkdir(parents=True, exist_ok=True)
-    others = ray_processes_outside_this_one()
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS
     # Our venv first on PATH, so the job's `python` is the one that has Ray.
     path = os.pathsep.join([os.path.dirname(RAY), os.environ.get("PATH", "")])
@@ -178,6 +183,6 @@ def local_head(home: Path, num_cpus: float = 2, node_types: dict | None = None, 
         yield Head(url, env, base, token, temp_dir)
     finally:
         kill_head(str(temp_dir), gcs)
+        left = processes_using(str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
-    left = {pid: name for pid, name in ray_processes_outside_this_one().items() if pid not in others}
     assert not left, f"the head's processes outlived it: {left}"
